@@ -1,0 +1,114 @@
+"""Argument checks shared by the public functions: layers, windows, hook names."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from unlearnlens.errors import HookError, LayerError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+__all__ = ["BLOCK_HOOKS", "check_layers", "check_window", "resolve_hooks", "window_layers"]
+
+BLOCK_HOOKS = (
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+    "mlp.hook_post",
+    "mlp.hook_pre",
+    "mlp.hook_pre_linear",
+    "attn.hook_z",
+    "attn.hook_result",
+    "ln1.hook_normalized",
+    "ln2.hook_normalized",
+)
+"""Block-relative hook names that patching accepts, when the model has them."""
+
+_ALIASES = {
+    "resid_pre": "hook_resid_pre",
+    "resid_mid": "hook_resid_mid",
+    "resid_post": "hook_resid_post",
+    "attn_out": "hook_attn_out",
+    "mlp_out": "hook_mlp_out",
+    "mlp_post": "mlp.hook_post",
+    "post": "mlp.hook_post",
+    "z": "attn.hook_z",
+}
+
+
+def check_layers(
+    model: HookedTransformer, layers: int | Iterable[int] | None, *, what: str = "layer"
+) -> list[int]:
+    """Validates layer indices (negative ones count from the end); ``None`` means all layers.
+
+    Raises:
+        LayerError: A layer out of range, a non-integer layer, or an empty list.
+    """
+    n = model.cfg.n_layers
+    if layers is None:
+        return list(range(n))
+    if isinstance(layers, int):
+        layers = [layers]
+    out: list[int] = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            try:
+                layer = int(layer)  # numpy / torch integers
+            except (TypeError, ValueError):
+                raise LayerError(f"{what} {layer!r} is not an integer") from None
+        if not -n <= layer < n:
+            raise LayerError(
+                f"{what} {layer} is out of range for a model with {n} layers (valid: 0..{n - 1})"
+            )
+        out.append(layer % n)
+    if not out:
+        raise LayerError(f"no {what}s given")
+    return out
+
+
+def check_window(window: int) -> int:
+    """A window must be a positive odd number of layers."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise LayerError(
+            f"window must be a positive odd number of layers (1, 3, 5, ...), got {window!r}"
+        )
+    return window
+
+
+def window_layers(center: int, window: int, n_layers: int) -> list[int]:
+    """Layers ``center-(w-1)/2 .. center+(w-1)/2``, clipped to ``0 .. n_layers-1``."""
+    half = (window - 1) // 2
+    return list(range(max(0, center - half), min(n_layers, center + half + 1)))
+
+
+def resolve_hooks(model: HookedTransformer, hooks: str | Iterable[str]) -> list[str]:
+    """Block-relative hook names, checked against the model (short aliases accepted).
+
+    ``"resid_pre"``, ``"hook_resid_pre"`` and ``"blocks.{l}.hook_resid_pre"``-style relative
+    names all resolve to ``"hook_resid_pre"``.
+
+    Raises:
+        HookError: An unknown hook, or one the model lacks; the message lists the valid ones.
+    """
+    names = [hooks] if isinstance(hooks, str) else list(hooks)
+    if not names:
+        raise HookError("no hooks given")
+    available = set(model.hook_dict)
+    valid = [h for h in BLOCK_HOOKS if f"blocks.0.{h}" in available]
+    out: list[str] = []
+    for name in names:
+        if not isinstance(name, str):
+            raise HookError(f"hook names must be strings, got {name!r}")
+        rel = _ALIASES.get(name, name)
+        if f"blocks.0.{rel}" not in available or rel not in BLOCK_HOOKS:
+            raise HookError(
+                f"unknown hook {name!r} for this model; valid hooks: {', '.join(valid)} "
+                f"(aliases: {', '.join(sorted(_ALIASES))})"
+            )
+        if rel not in out:
+            out.append(rel)
+    return out

@@ -1,0 +1,72 @@
+"""The exceptions unlearnlens raises.
+
+Every error derives from :class:`UnlearnLensError`, so a caller can catch the library's errors
+in one clause. Errors about bad arguments also derive from :class:`ValueError` (or the matching
+built-in), so code written against plain Python conventions keeps working. Messages name the
+hook, layer, model, component or shape at fault.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ComponentError",
+    "ConfigError",
+    "HookError",
+    "IncompatibleModelsError",
+    "LayerError",
+    "MetricError",
+    "NonFiniteLossError",
+    "PromptError",
+    "UnknownMethodError",
+    "UnlearnLensError",
+    "UnsupportedArchitectureError",
+]
+
+
+class UnlearnLensError(Exception):
+    """Base class of every error raised by unlearnlens."""
+
+
+class IncompatibleModelsError(UnlearnLensError, ValueError):
+    """Two models cannot be compared: architecture fields or tokenizers differ."""
+
+
+class CheckpointError(UnlearnLensError, FileNotFoundError):
+    """A checkpoint path is missing, or lacks a file it needs (such as ``config.json``)."""
+
+
+class UnsupportedArchitectureError(UnlearnLensError, ValueError):
+    """A Hugging Face architecture that unlearnlens cannot convert."""
+
+
+class PromptError(UnlearnLensError, ValueError):
+    """Prompts that cannot be used: empty, an empty answer, too long, no tokenizer, ..."""
+
+
+class HookError(UnlearnLensError, ValueError):
+    """An unknown hook name, or a hook the model does not have."""
+
+
+class LayerError(UnlearnLensError, ValueError):
+    """A layer (or neuron) index out of range, or a bad layer window."""
+
+
+class ComponentError(UnlearnLensError, ValueError):
+    """An unknown parameter component, or one this architecture lacks."""
+
+
+class MetricError(UnlearnLensError, ValueError):
+    """An unknown metric, or a metric that returned the wrong shape or type."""
+
+
+class ConfigError(UnlearnLensError, ValueError):
+    """A configuration value out of its allowed range."""
+
+
+class UnknownMethodError(UnlearnLensError, ValueError):
+    """An unlearning method name that is not registered."""
+
+
+class NonFiniteLossError(UnlearnLensError, FloatingPointError):
+    """Training produced a non-finite loss or gradient."""
