@@ -1,15 +1,70 @@
 """unlearnlens: has an unlearned language model forgotten, or does it only hide what it knows?"""
 
 from unlearnlens import metrics
+from unlearnlens.coefficients import (
+    CoefficientComparison,
+    CoefficientStats,
+    coefficient_positions,
+    compare_coefficients,
+    mlp_coefficient_stats,
+    mlp_coefficients,
+    neuron_logit_contributions,
+)
+from unlearnlens.concepts import (
+    ConceptVector,
+    DriftTable,
+    concept_vector_drift,
+    locate_concept_vectors,
+    vocab_projection,
+)
 from unlearnlens.errors import (
+    CheckpointError,
     IncompatibleModelsError,
     UnlearnLensError,
+    UnsupportedArchitectureError,
 )
+from unlearnlens.lens import attribution_patch, logit_lens, logit_lens_compare
+from unlearnlens.models import (
+    SUPPORTED_ARCHITECTURES,
+    check_compatible,
+    load_hf,
+    load_model,
+    save_model,
+)
+from unlearnlens.patching import patch, patch_attention, patch_mlp_coefficients, patch_residual
 from unlearnlens.prompts import PromptSet, format_question
+from unlearnlens.results import SweepResult
 
 __all__ = [
+    "CoefficientComparison",
+    "CoefficientStats",
+    "ConceptVector",
+    "DriftTable",
+    "attribution_patch",
+    "coefficient_positions",
+    "compare_coefficients",
+    "concept_vector_drift",
+    "locate_concept_vectors",
+    "logit_lens",
+    "logit_lens_compare",
+    "mlp_coefficient_stats",
+    "mlp_coefficients",
+    "neuron_logit_contributions",
+    "vocab_projection",
+    "SUPPORTED_ARCHITECTURES",
+    "CheckpointError",
+    "UnsupportedArchitectureError",
+    "check_compatible",
+    "load_hf",
+    "load_model",
+    "save_model",
     "IncompatibleModelsError",
     "PromptSet",
+    "SweepResult",
+    "patch",
+    "patch_attention",
+    "patch_mlp_coefficients",
+    "patch_residual",
     "UnlearnLensError",
     "format_question",
     "metrics",

@@ -17,12 +17,21 @@ module is the one place that does it, and where the speed comes from:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformer_lens.utilities import apply_softcap
+
+from unlearnlens._guard import preserved
+from unlearnlens.metrics import BoundMetric
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -30,7 +39,11 @@ if TYPE_CHECKING:
     from unlearnlens.prompts import PromptSet
 
 __all__ = [
+    "Patch",
+    "SweepScores",
+    "Variant",
     "gather_targets",
+    "run_variants",
     "logits_from_residual",
     "target_logits",
     "unembed",
@@ -92,3 +105,336 @@ def target_logits(model: HookedTransformer, prompts: PromptSet) -> Float[Tensor,
         stop_at_layer=model.cfg.n_layers,
     )
     return logits_from_residual(model, resid, prompts)
+
+
+# ------------------------------------------------------------------------------------ engine
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Replace one hook's activation in the target with the source's, at some positions.
+
+    Attributes:
+        layer: The block the hook lives in.
+        hook: Block-relative hook name (``"mlp.hook_post"``, ``"hook_resid_pre"``, ...).
+        positions: ``[batch, seq]`` mask of the positions to patch, or None for every real
+            (non-pad) position. Pad positions are never patched.
+    """
+
+    layer: int
+    hook: str
+    positions: Bool[Tensor, "batch seq"] | None = None
+
+    @property
+    def name(self) -> str:
+        """The full TransformerLens hook name."""
+        return f"blocks.{self.layer}.{self.hook}"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One changed run of the target model.
+
+    Attributes:
+        patches: Activations taken from the source model's run on the same prompts.
+        context: A factory of a context manager that changes the target for the duration of
+            the run (e.g. restored weights). Variants with a context run on their own.
+        start_layer: First block whose input can differ from the target's clean run: the
+            run starts from the target's cached residual there. ``-1`` starts from the token
+            embedding; ``n_layers`` only recomputes the final norm and unembedding. Derived
+            from the patches when None.
+    """
+
+    patches: tuple[Patch, ...] = ()
+    context: Callable[[], AbstractContextManager[object]] | None = None
+    start_layer: int | None = None
+
+
+@dataclass(frozen=True)
+class SweepScores:
+    """What :func:`run_variants` returns: per-prompt scores and the clean runs' scores.
+
+    Attributes:
+        per_prompt: ``[variant, batch]`` metric scores of each variant on each prompt.
+        baseline: ``[batch]`` scores of the unchanged target.
+        reference: ``[batch]`` scores of the source.
+        left_out: ``[batch]`` prompts the metric leaves out (KRS where source = target).
+    """
+
+    per_prompt: Float[Tensor, "variant batch"]
+    baseline: Float[Tensor, " batch"]
+    reference: Float[Tensor, " batch"]
+    left_out: Bool[Tensor, " batch"] = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+
+
+@dataclass
+class _Clean:
+    """Clean runs of source and target on one chunk of prompts."""
+
+    source_logits: Tensor
+    target_logits: Tensor
+    source_acts: dict[str, Tensor]
+    target_resid: dict[int, Tensor]
+    kv: TransformerLensKeyValueCache | None
+
+
+def _patch_mask(patch: Patch, chunk: PromptSet, rows: slice) -> Tensor:
+    real = chunk.position_mask("all")
+    if patch.positions is None:
+        return real
+    return patch.positions[rows, : chunk.seq_len].to(real.device) & real
+
+
+def _first_position(variant: Variant, chunk: PromptSet, rows: slice) -> int:
+    """Earliest position a variant can change (positions before it keep the target's values)."""
+    if variant.context is not None or not variant.patches:
+        return 0
+    firsts = []
+    for patch in variant.patches:
+        mask = _patch_mask(patch, chunk, rows)
+        hit = mask.any(0).nonzero()
+        firsts.append(int(hit[0, 0]) if len(hit) else chunk.seq_len)
+    return min(firsts)
+
+
+def _start_layer(variant: Variant, n_layers: int) -> int:
+    if variant.start_layer is not None:
+        return variant.start_layer
+    if not variant.patches:
+        return n_layers
+    return min(p.layer for p in variant.patches)
+
+
+def _clean_runs(
+    source: HookedTransformer,
+    target: HookedTransformer,
+    chunk: PromptSet,
+    source_hooks: set[str],
+    start_layers: set[int],
+    want_kv: bool,
+) -> _Clean:
+    n_layers = target.cfg.n_layers
+    end = int(chunk.last_target_position.max()) + 1
+    mask = chunk.attention_mask[:, :end]
+
+    src_tokens = chunk.tokens[:, :end].to(source.cfg.device)
+    src_resid, src_cache = source.run_with_cache(
+        src_tokens,
+        attention_mask=mask.to(source.cfg.device),
+        stop_at_layer=n_layers,
+        names_filter=lambda name: name in source_hooks,
+    )
+    src_logits = logits_from_residual(source, src_resid, chunk)
+
+    resid_names = {f"blocks.{layer}.hook_resid_pre" for layer in start_layers if 0 <= layer < n_layers}
+    kv = TransformerLensKeyValueCache.init_cache(target.cfg, target.cfg.device, len(chunk)) if want_kv else None
+    tgt_tokens = chunk.tokens[:, :end].to(target.cfg.device)
+    tgt_resid, tgt_cache = target.run_with_cache(
+        tgt_tokens,
+        attention_mask=mask.to(target.cfg.device),
+        stop_at_layer=n_layers,
+        past_kv_cache=kv,
+        names_filter=lambda name: name in resid_names,
+    )
+    resid = {layer: tgt_cache[f"blocks.{layer}.hook_resid_pre"] for layer in start_layers if 0 <= layer < n_layers}
+    if n_layers in start_layers:
+        resid[n_layers] = tgt_resid
+    return _Clean(
+        source_logits=src_logits,
+        target_logits=logits_from_residual(target, tgt_resid, chunk),
+        source_acts={k: v for k, v in src_cache.items()},
+        target_resid=resid,
+        kv=kv,
+    )
+
+
+def _prefix_cache(
+    kv: TransformerLensKeyValueCache, first_pos: int, copies: int, cfg: object
+) -> TransformerLensKeyValueCache:
+    """A frozen cache holding the target's keys/values for positions ``< first_pos``, repeated."""
+    entries = [
+        TransformerLensKeyValueCacheEntry(
+            past_keys=e.past_keys[:, :first_pos].repeat(copies, 1, 1, 1),
+            past_values=e.past_values[:, :first_pos].repeat(copies, 1, 1, 1),
+            frozen=True,
+        )
+        for e in kv.entries
+    ]
+    rows = entries[0].past_keys.shape[0]
+    prev = torch.ones(rows, first_pos, dtype=torch.long, device=entries[0].past_keys.device)
+    return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=prev, frozen=True)
+
+
+def _stack_hooks(
+    group: Sequence[Variant], chunk: PromptSet, rows: slice, clean: _Clean, first_pos: int, end: int
+) -> list[tuple[str, Callable[..., Tensor]]]:
+    """One forward hook per patched hook name, applying each stacked variant to its rows."""
+    names = sorted({p.name for v in group for p in v.patches})
+    hooks = []
+    for name in names:
+        masks = []
+        for v in group:
+            m = torch.zeros(len(chunk), chunk.seq_len, dtype=torch.bool, device=chunk.device)
+            for p in v.patches:
+                if p.name == name:
+                    m |= _patch_mask(p, chunk, rows)
+            masks.append(m[:, first_pos:end])
+        mask_vbs = torch.stack(masks)  # [variant, batch, suffix]
+        src = clean.source_acts[name][:, first_pos:end]
+
+        def hook(act: Tensor, hook: object, mask_vbs: Tensor = mask_vbs, src: Tensor = src) -> Tensor:
+            v, b = mask_vbs.shape[:2]
+            act_v = act.view(v, b, *act.shape[1:])
+            m = mask_vbs.to(act.device).reshape(v, b, -1, *([1] * (act.ndim - 2)))
+            return torch.where(m, src.to(act.device, act.dtype)[None], act_v).view(act.shape)
+
+        hooks.append((name, hook))
+    return hooks
+
+
+def _run_group(
+    target: HookedTransformer,
+    group: Sequence[Variant],
+    chunk: PromptSet,
+    rows: slice,
+    clean: _Clean,
+    start: int,
+    first_pos: int,
+) -> Float[Tensor, "variant batch answer d_vocab"]:
+    """Runs stacked variants that share a start layer and first position; logits at targets."""
+    n_layers = target.cfg.n_layers
+    n_var, b = len(group), len(chunk)
+    end = int(chunk.last_target_position.max()) + 1
+    ctx = group[0].context() if group[0].context is not None else nullcontext()
+    with ctx:
+        hooks = _stack_hooks(group, chunk, rows, clean, first_pos, end)
+        with target.hooks(fwd_hooks=hooks):
+            if start < 0:
+                resid = target(
+                    chunk.tokens[:, :end].to(target.cfg.device),
+                    attention_mask=chunk.attention_mask[:, :end].to(target.cfg.device),
+                    stop_at_layer=n_layers,
+                )
+            elif start >= n_layers:
+                resid = clean.target_resid[n_layers][:, first_pos:end].repeat(n_var, 1, 1)
+            else:
+                x = clean.target_resid[start][:, first_pos:end].repeat(n_var, 1, 1)
+                if first_pos > 0:
+                    assert clean.kv is not None
+                    cache = _prefix_cache(clean.kv, first_pos, n_var, target.cfg)
+                    mask = torch.ones(n_var * b, end, dtype=torch.long, device=x.device)
+                    resid = target(x, start_at_layer=start, stop_at_layer=n_layers,
+                                   past_kv_cache=cache, attention_mask=mask)
+                else:
+                    resid = target(x, start_at_layer=start, stop_at_layer=n_layers)
+        resid_vbsd = resid.view(n_var, b, *resid.shape[1:])
+        logits = torch.stack([logits_from_residual(target, r, chunk, offset=first_pos) for r in resid_vbsd])
+    if first_pos > 0:  # targets before the first changed position keep the clean logits
+        early = (chunk.target_positions < first_pos).to(logits.device)[None, :, :, None]
+        logits = torch.where(early, clean.target_logits[None], logits)
+    return logits
+
+
+def _groups(
+    variants: Sequence[Variant], chunk: PromptSet, rows: slice, n_layers: int, max_rows: int
+) -> Iterator[tuple[list[int], int, int]]:
+    """Variant indices grouped by (start layer, first position), in stacks of at most max_rows."""
+    keyed: dict[tuple[int, int], list[int]] = {}
+    for i, v in enumerate(variants):
+        key = (_start_layer(v, n_layers), _first_position(v, chunk, rows))
+        if v.context is not None:
+            yield [i], key[0], key[1]
+        else:
+            keyed.setdefault(key, []).append(i)
+    per_pass = max(1, max_rows // len(chunk))
+    for (start, first), idx in keyed.items():
+        for k in range(0, len(idx), per_pass):
+            yield idx[k : k + per_pass], start, first
+
+
+def default_batch_size(prompts: PromptSet) -> int:
+    """Rows per forward pass: about 8k tokens, and at least the whole prompt set up to 64."""
+    return max(min(len(prompts), 64), 8192 // max(1, prompts.seq_len))
+
+
+def run_variants(
+    source: HookedTransformer,
+    target: HookedTransformer,
+    prompts: PromptSet,
+    variants: Sequence[Variant],
+    metric: BoundMetric,
+    *,
+    batch_size: int | None = None,
+    progress: bool = True,
+    desc: str = "sweep",
+) -> SweepScores:
+    """Scores every variant of the target on every prompt; the models come back unchanged.
+
+    Args:
+        source: The model activations are patched from (the base model in a study).
+        target: The model that is run changed (the unlearned model).
+        prompts: The prompts, already validated for both models.
+        variants: What to change in each run.
+        metric: The bound metric (see :func:`unlearnlens.metrics.resolve_metric`).
+        batch_size: Most rows (prompts x stacked variants) in one forward pass.
+        progress: Show a progress bar over forward passes.
+        desc: The progress bar's label.
+
+    Returns:
+        Per-prompt scores of every variant, and of the clean target (baseline) and source
+        (reference).
+    """
+    n_layers = target.cfg.n_layers
+    rows_per_pass = batch_size or default_batch_size(prompts)
+    chunk_size = min(len(prompts), rows_per_pass)
+    source_hooks = {p.name for v in variants for p in v.patches}
+    chunks = list(prompts.batches(chunk_size))
+
+    per_prompt = torch.full((len(variants), len(prompts)), torch.nan)
+    baseline = torch.empty(len(prompts))
+    reference = torch.empty(len(prompts))
+    left_out = torch.zeros(len(prompts), dtype=torch.bool)
+
+    with preserved(source, target):
+        # Clean runs first: the metric and its references are checked before any sweep work.
+        # With one chunk, its caches are kept for the sweep; otherwise they are rebuilt per chunk.
+        keep = len(chunks) == 1
+        needs, cleans, refs = [], [], []
+        for sl, chunk in chunks:
+            starts = {_start_layer(v, n_layers) for v in variants}
+            want_kv = any(_first_position(v, chunk, sl) > 0 for v in variants)
+            needs.append((starts, want_kv))
+            if keep:
+                clean = _clean_runs(source, target, chunk, source_hooks, starts, want_kv)
+                cleans.append(clean)
+                refs.append((clean.source_logits, clean.target_logits))
+            else:
+                cleans.append(None)
+                refs.append((target_logits(source, chunk), target_logits(target, chunk)))
+        for (sl, chunk), (zs, zt) in zip(chunks, refs):
+            baseline[sl] = metric(zt, chunk, zs, zt).cpu()
+            reference[sl] = metric(zs, chunk, zs, zt).cpu()
+        if metric.uses_references:
+            left_out = torch.cat([metric.check_references(zs, zt, chunk).cpu()
+                                  for (_, chunk), (zs, zt) in zip(chunks, refs)])
+
+        plan = [list(_groups(variants, chunk, sl, n_layers, rows_per_pass)) for sl, chunk in chunks]
+        bar = tqdm(total=sum(len(p) for p in plan), desc=desc, disable=not progress, leave=False)
+        try:
+            for (sl, chunk), groups, clean, (starts, want_kv) in zip(chunks, plan, cleans, needs):
+                if clean is None:
+                    clean = _clean_runs(source, target, chunk, source_hooks, starts, want_kv)
+                end = int(chunk.last_target_position.max()) + 1
+                for idx, start, first in groups:
+                    group = [variants[i] for i in idx]
+                    if first >= end:  # nothing a target position can see changes
+                        logits = clean.target_logits[None].expand(len(group), *clean.target_logits.shape)
+                    else:
+                        logits = _run_group(target, group, chunk, sl, clean, start, first)
+                    for i, lg in zip(idx, logits):
+                        per_prompt[i, sl] = metric(lg, chunk, clean.source_logits, clean.target_logits).cpu()
+                    bar.update(1)
+        finally:
+            bar.close()
+    return SweepScores(per_prompt=per_prompt, baseline=baseline, reference=reference, left_out=left_out)
+

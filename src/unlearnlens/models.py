@@ -1,0 +1,825 @@
+"""Load, save and compare the TransformerLens models every other module works on.
+
+:func:`load_hf` turns a local Hugging Face checkpoint (or an in-memory ``PreTrainedModel``) into
+a :class:`~transformer_lens.HookedTransformer` without looking up an official model name and
+without processing the weights, so each TransformerLens parameter is the checkpoint's own tensor
+and raw logits match the checkpoint's. :func:`save_model` / :func:`load_model` store a
+``HookedTransformer`` bit-exactly (safetensors weights, a JSON config, the tokenizer), and
+:func:`check_compatible` says whether two models can be patched or restored into each other.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.pretrained.weight_conversions import (
+    convert_gemma_weights,
+    convert_gpt2_weights,
+    convert_llama_weights,
+    convert_mistral_weights,
+    convert_neox_weights,
+    convert_olmo_weights,
+    convert_qwen2_weights,
+    convert_qwen3_weights,
+)
+from transformer_lens.utilities.tokenize_utils import get_tokenizer_with_bos
+
+from unlearnlens.errors import (
+    CheckpointError,
+    ConfigError,
+    IncompatibleModelsError,
+    UnsupportedArchitectureError,
+)
+
+__all__ = [
+    "COMPATIBILITY_FIELDS",
+    "SUPPORTED_ARCHITECTURES",
+    "check_compatible",
+    "load_hf",
+    "load_model",
+    "save_model",
+]
+
+_WEIGHTS_FILE = "model.safetensors"
+_CONFIG_FILE = "unlearnlens_config.json"
+_TOKENIZER_DIR = "tokenizer"
+_FORMAT = "unlearnlens.HookedTransformer"
+_FORMAT_VERSION = 1
+
+# Fields that drive side effects when a config is constructed (a tokenizer download, weight
+# initialisation, reseeding the global RNGs); they are set to inert values for construction and
+# put back on the config afterwards.
+_CONSTRUCTION_OVERRIDES: dict[str, Any] = {
+    "tokenizer_name": None,
+    "init_weights": False,
+    "seed": None,
+}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"saved model config names an unknown dtype {name!r}")
+    return dtype
+
+
+def _config_to_json(cfg: HookedTransformerConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in cfg.to_dict().items():
+        if isinstance(value, torch.dtype):
+            value = {"__dtype__": _dtype_name(value)}
+        elif isinstance(value, torch.device):
+            value = str(value)
+        elif hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+            value = value.item()
+        out[key] = value
+    return out
+
+
+def _config_from_json(data: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and set(value) == {"__dtype__"}:
+            value = _dtype_from_name(value["__dtype__"])
+        out[key] = value
+    return out
+
+
+def _resolve_device(saved: str | None, device: str | torch.device | None) -> str:
+    if device is not None:
+        return str(device)
+    if saved is None or (str(saved).startswith("cuda") and not torch.cuda.is_available()):
+        return "cpu"
+    if str(saved).startswith("mps") and not torch.backends.mps.is_available():
+        return "cpu"
+    return str(saved)
+
+
+def save_model(model: HookedTransformer, directory: str | Path) -> Path:
+    """Saves a ``HookedTransformer`` so that :func:`load_model` gives it back bit for bit.
+
+    The directory gets the weights as safetensors (``model.safetensors``, in the model's own
+    dtype), the full ``HookedTransformerConfig`` as JSON (``unlearnlens_config.json``; the dtype
+    is stored by name) and, when the model has one, the tokenizer (``tokenizer/``, via
+    ``save_pretrained``). The model itself is not changed.
+
+    Args:
+        model: The model to save.
+        directory: Where to save it; created if missing. Files of an earlier save there are
+            overwritten.
+
+    Returns:
+        The directory, as a ``Path``.
+
+    Raises:
+        TypeError: ``model`` is not a ``HookedTransformer``.
+    """
+    if not isinstance(model, HookedTransformer):
+        raise TypeError(f"save_model expects a HookedTransformer, got {type(model).__name__}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # contiguous CPU copies: safetensors refuses shared or non-contiguous storage
+    tensors = {
+        name: tensor.detach().to("cpu").contiguous().clone()
+        for name, tensor in model.state_dict().items()
+    }
+    save_file(tensors, str(directory / _WEIGHTS_FILE), metadata={"format": _FORMAT})
+    payload = {
+        "format": _FORMAT,
+        "format_version": _FORMAT_VERSION,
+        "config": _config_to_json(model.cfg),
+        "has_tokenizer": model.tokenizer is not None,
+        "padding_side": getattr(model.tokenizer, "padding_side", None),
+    }
+    (directory / _CONFIG_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True))
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(directory / _TOKENIZER_DIR))
+    return directory
+
+
+def load_model(
+    directory: str | Path, *, device: str | torch.device | None = None
+) -> HookedTransformer:
+    """Loads a model written by :func:`save_model`, bit-exactly.
+
+    Every parameter and buffer comes back with the saved values and dtype, so logits equal the
+    saved model's exactly. The tokenizer is reloaded from the local folder (nothing is
+    downloaded), with the saved padding side.
+
+    Args:
+        directory: A directory written by :func:`save_model`.
+        device: Where to put the model. ``None`` uses the device it was saved from when that is
+            available here, else the CPU.
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        CheckpointError: The directory does not exist or does not hold a saved model.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"no saved model at {str(directory)!r}: the directory does not exist")
+    config_path, weights_path = directory / _CONFIG_FILE, directory / _WEIGHTS_FILE
+    missing = [p.name for p in (config_path, weights_path) if not p.is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{str(directory)!r} is not a model saved by unlearnlens.save_model: "
+            f"missing {', '.join(missing)}"
+        )
+    try:
+        payload = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{str(config_path)!r} is not valid JSON: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        raise CheckpointError(
+            f"{str(config_path)!r} is not a model config written by unlearnlens.save_model"
+        )
+    cfg_dict = _config_from_json(payload["config"])
+    restore = {k: cfg_dict.get(k) for k in _CONSTRUCTION_OVERRIDES}
+    cfg_dict.update(_CONSTRUCTION_OVERRIDES)
+    cfg_dict["device"] = _resolve_device(cfg_dict.get("device"), device)
+    if not str(cfg_dict["device"]).startswith("cuda"):
+        cfg_dict["n_devices"] = 1
+    # n_params is derived in __post_init__; passing it back is harmless but not needed
+    cfg_dict.pop("n_params", None)
+    cfg = HookedTransformerConfig.from_dict(cfg_dict)
+
+    tokenizer = None
+    if payload.get("has_tokenizer"):
+        from transformers import AutoTokenizer
+
+        tok_dir = directory / _TOKENIZER_DIR
+        if not tok_dir.is_dir():
+            raise CheckpointError(f"saved model at {str(directory)!r} lacks its tokenizer folder")
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    padding_side = payload.get("padding_side") or "right"
+    model = HookedTransformer(
+        cfg, tokenizer=tokenizer, default_padding_side=padding_side if tokenizer else None
+    )
+    for key, value in restore.items():
+        setattr(model.cfg, key, value)
+    state = load_file(str(weights_path))
+    expected = set(model.state_dict())
+    if set(state) != expected:
+        extra, lacking = sorted(set(state) - expected), sorted(expected - set(state))
+        raise CheckpointError(
+            f"weights in {str(weights_path)!r} do not fit the saved config: "
+            f"unexpected {extra[:5]}, missing {lacking[:5]}"
+        )
+    # assign: buffers keep the saved dtype too (a model cast with .to(dtype) has bfloat16 masks)
+    current = model.state_dict()
+    model.load_state_dict({k: v.to(current[k].device) for k, v in state.items()}, assign=True)
+    model.eval()
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face -> HookedTransformer
+# --------------------------------------------------------------------------------------------
+
+# A mask buffer of n_ctx x n_ctx booleans is allocated per layer, so a checkpoint's nominal
+# context (131072 for recent LLaMA / Mistral configs) is capped unless the caller asks for more.
+_DEFAULT_MAX_CTX = 4096
+
+# Hugging Face activation names -> TransformerLens activation names (same functions).
+_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_new",
+    "gelu_fast": "gelu_fast",
+    "gelu_pytorch_tanh": "gelu_pytorch_tanh",
+    "silu": "silu",
+    "swish": "silu",
+    "relu": "relu",
+}
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# TransformerLens leaves these tokenizers as they are (their checkpoints use no BOS token).
+_NO_BOS_RELOAD = ("OlmoForCausalLM", "OlmoeForCausalLM", "Olmo2ForCausalLM")
+
+StateDict = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class _Architecture:
+    """How one Hugging Face causal-LM class maps onto a ``HookedTransformerConfig``.
+
+    Attributes:
+        config: Builds the TransformerLens config fields from the Hugging Face config.
+        weights: Builds the TransformerLens state dict from the Hugging Face model.
+    """
+
+    config: Callable[[Any], dict[str, Any]]
+    weights: Callable[[Any, HookedTransformerConfig], StateDict]
+
+
+def _unsupported(what: str) -> UnsupportedArchitectureError:
+    return UnsupportedArchitectureError(
+        f"{what}; supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
+
+
+def _act(hf: Any, name: str | None = None) -> str:
+    name = name or hf.hidden_act
+    if name not in _ACTIVATIONS:
+        raise _unsupported(f"activation {name!r} of {type(hf).__name__} cannot be converted")
+    return _ACTIVATIONS[name]
+
+
+def _head_dim(hf: Any) -> int:
+    head_dim = getattr(hf, "head_dim", None)
+    return int(head_dim) if head_dim else hf.hidden_size // hf.num_attention_heads
+
+
+def _rope(hf: Any, d_head: int) -> dict[str, Any]:
+    """Rotary fields: base, rotated dimensions, and LLaMA-3 frequency scaling."""
+    params = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    theta = params.get("rope_theta", getattr(hf, "rope_theta", None))
+    out: dict[str, Any] = {
+        "positional_embedding_type": "rotary",
+        "rotary_adjacent_pairs": False,
+        "rotary_base": theta if theta is not None else 10000.0,
+        "rotary_dim": int(d_head * params.get("partial_rotary_factor", 1.0)),
+    }
+    if rope_type == "llama3":
+        out.update(
+            use_NTK_by_parts_rope=True,
+            NTK_original_ctx_len=params["original_max_position_embeddings"],
+            NTK_by_parts_low_freq_factor=params.get("low_freq_factor", 1.0),
+            NTK_by_parts_high_freq_factor=params.get("high_freq_factor", 4.0),
+            NTK_by_parts_factor=params.get("factor", 1.0),
+        )
+    elif rope_type != "default":
+        raise _unsupported(f"rope type {rope_type!r} of {type(hf).__name__} cannot be converted")
+    return out
+
+
+def _sliding_window(hf: Any) -> dict[str, Any]:
+    """Local-attention fields for checkpoints with a sliding window (all or some layers)."""
+    window = getattr(hf, "sliding_window", None)
+    if not window:
+        return {}
+    layer_types = getattr(hf, "layer_types", None)
+    if layer_types:
+        attn_types = ["local" if t == "sliding_attention" else "global" for t in layer_types]
+    else:
+        attn_types = ["local"] * hf.num_hidden_layers
+    if "local" not in attn_types:
+        return {}
+    return {"use_local_attn": True, "window_size": int(window), "attn_types": attn_types}
+
+
+def _rotary_decoder(hf: Any, *, gqa_always: bool) -> dict[str, Any]:
+    """The fields LLaMA-family decoders share (RMSNorm, gated MLP, rotary, no parallel block)."""
+    d_head = _head_dim(hf)
+    n_kv = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    return {
+        "n_layers": hf.num_hidden_layers,
+        "d_model": hf.hidden_size,
+        "n_heads": hf.num_attention_heads,
+        "d_head": d_head,
+        # TransformerLens's LLaMA loader uses plain attention when no heads are shared; its
+        # Mistral / Qwen2 / Gemma loaders always use the grouped-query module (keys `_W_K`).
+        "n_key_value_heads": n_kv if gqa_always or n_kv != hf.num_attention_heads else None,
+        "d_mlp": hf.intermediate_size,
+        "d_vocab": hf.vocab_size,
+        "n_ctx": hf.max_position_embeddings,
+        "act_fn": _act(hf),
+        "eps": getattr(hf, "rms_norm_eps", 1e-5),
+        "normalization_type": "RMS",
+        "final_rms": True,
+        "gated_mlp": True,
+        **_rope(hf, d_head),
+        **_sliding_window(hf),
+    }
+
+
+def _gpt2_config(hf: Any) -> dict[str, Any]:
+    if getattr(hf, "add_cross_attention", False):
+        raise _unsupported("GPT2LMHeadModel with cross-attention cannot be converted")
+    return {
+        "n_layers": hf.n_layer,
+        "d_model": hf.n_embd,
+        "n_heads": hf.n_head,
+        "d_head": hf.n_embd // hf.n_head,
+        "d_mlp": hf.n_inner or 4 * hf.n_embd,
+        "d_vocab": hf.vocab_size,
+        "n_ctx": hf.n_positions,
+        "act_fn": _act(hf, hf.activation_function),
+        "eps": hf.layer_norm_epsilon,
+        "normalization_type": "LN",
+        "positional_embedding_type": "standard",
+        "use_attn_scale": hf.scale_attn_weights,
+        "scale_attn_by_inverse_layer_idx": hf.scale_attn_by_inverse_layer_idx,
+    }
+
+
+def _neox_config(hf: Any) -> dict[str, Any]:
+    if not getattr(hf, "attention_bias", True):
+        raise _unsupported("GPTNeoXForCausalLM without attention biases cannot be converted")
+    d_head = hf.hidden_size // hf.num_attention_heads
+    return {
+        "n_layers": hf.num_hidden_layers,
+        "d_model": hf.hidden_size,
+        "n_heads": hf.num_attention_heads,
+        "d_head": d_head,
+        "d_mlp": hf.intermediate_size,
+        "d_vocab": hf.vocab_size,
+        "n_ctx": hf.max_position_embeddings,
+        "act_fn": _act(hf),
+        "eps": hf.layer_norm_eps,
+        "normalization_type": "LN",
+        "parallel_attn_mlp": hf.use_parallel_residual,
+        "default_prepend_bos": False,
+        **_rope(hf, d_head),
+    }
+
+
+def _llama_config(hf: Any) -> dict[str, Any]:
+    if getattr(hf, "mlp_bias", False):
+        raise _unsupported("LlamaForCausalLM with mlp_bias=True (a gate bias) cannot be converted")
+    return _rotary_decoder(hf, gqa_always=False)
+
+
+def _mistral_config(hf: Any) -> dict[str, Any]:
+    return _rotary_decoder(hf, gqa_always=True)
+
+
+def _qwen2_config(hf: Any) -> dict[str, Any]:
+    return {**_rotary_decoder(hf, gqa_always=True), "default_prepend_bos": False}
+
+
+def _qwen3_config(hf: Any) -> dict[str, Any]:
+    # per-head RMSNorm of queries and keys before the rotary embedding
+    return {
+        **_rotary_decoder(hf, gqa_always=False),
+        "use_qk_norm": True,
+        "default_prepend_bos": False,
+    }
+
+
+def _olmo_config(hf: Any) -> dict[str, Any]:
+    n_kv = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    if n_kv != hf.num_attention_heads:
+        raise _unsupported("OlmoForCausalLM with grouped-query attention cannot be converted")
+    cfg = _rotary_decoder(hf, gqa_always=False)
+    # OLMo's LayerNorm has no weight or bias and a fixed eps: TransformerLens's LNPre is exactly
+    # that, so the model has no norm parameters the checkpoint lacks.
+    cfg.update(normalization_type="LNPre", final_rms=False, eps=1e-5, clip_qkv=hf.clip_qkv)
+    return cfg
+
+
+def _gemma_config(hf: Any) -> dict[str, Any]:
+    cfg = _rotary_decoder(hf, gqa_always=True)
+    act = getattr(hf, "hidden_activation", None) or hf.hidden_act
+    cfg["act_fn"] = _act(hf, act)
+    return cfg
+
+
+def _attention_biases(hf_model: Any, cfg: HookedTransformerConfig, state: StateDict) -> StateDict:
+    """Copies q/k/v/o projection biases of LLaMA-layout attention into ``state``.
+
+    TransformerLens's LLaMA, Mistral and OLMo converters write zero biases; checkpoints trained
+    with ``attention_bias=True`` need their own.
+    """
+    if not getattr(hf_model.config, "attention_bias", False):
+        return state
+    kv = "_" if cfg.n_key_value_heads is not None else ""
+    n_kv = cfg.n_key_value_heads or cfg.n_heads
+    for layer in range(cfg.n_layers):
+        attn = hf_model.model.layers[layer].self_attn
+        pre = f"blocks.{layer}.attn."
+        state[pre + "b_Q"] = attn.q_proj.bias.reshape(cfg.n_heads, cfg.d_head)
+        state[pre + kv + "b_K"] = attn.k_proj.bias.reshape(n_kv, cfg.d_head)
+        state[pre + kv + "b_V"] = attn.v_proj.bias.reshape(n_kv, cfg.d_head)
+        state[pre + "b_O"] = attn.o_proj.bias
+    return state
+
+
+def _llama_weights(hf_model: Any, cfg: HookedTransformerConfig) -> StateDict:
+    return _attention_biases(hf_model, cfg, convert_llama_weights(hf_model, cfg))
+
+
+def _mistral_weights(hf_model: Any, cfg: HookedTransformerConfig) -> StateDict:
+    return _attention_biases(hf_model, cfg, convert_mistral_weights(hf_model, cfg))
+
+
+def _qwen3_weights(hf_model: Any, cfg: HookedTransformerConfig) -> StateDict:
+    return _attention_biases(hf_model, cfg, convert_qwen3_weights(hf_model, cfg))
+
+
+def _olmo_weights(hf_model: Any, cfg: HookedTransformerConfig) -> StateDict:
+    state = _attention_biases(hf_model, cfg, convert_olmo_weights(hf_model, cfg))
+    for layer in range(cfg.n_layers):  # the converter leaves out the (absent) q/k/v biases
+        for key in ("b_Q", "b_K", "b_V"):
+            state.setdefault(f"blocks.{layer}.attn.{key}", torch.zeros(cfg.n_heads, cfg.d_head))
+    # the converter writes identity LayerNorm weights; LNPre has none
+    return {k: v for k, v in state.items() if not re.search(r"(^|\.)ln(1|2|_final)\.[wb]$", k)}
+
+
+_ARCHITECTURES: dict[str, _Architecture] = {
+    "GPT2LMHeadModel": _Architecture(_gpt2_config, convert_gpt2_weights),
+    "GPTNeoXForCausalLM": _Architecture(_neox_config, convert_neox_weights),
+    "LlamaForCausalLM": _Architecture(_llama_config, _llama_weights),
+    "MistralForCausalLM": _Architecture(_mistral_config, _mistral_weights),
+    "Qwen2ForCausalLM": _Architecture(_qwen2_config, convert_qwen2_weights),
+    "Qwen3ForCausalLM": _Architecture(_qwen3_config, _qwen3_weights),
+    "OlmoForCausalLM": _Architecture(_olmo_config, _olmo_weights),
+    "GemmaForCausalLM": _Architecture(_gemma_config, convert_gemma_weights),
+}
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_ARCHITECTURES)
+"""The Hugging Face model classes :func:`load_hf` converts."""
+
+
+def _architecture_name(hf_config: Any) -> str:
+    names = list(getattr(hf_config, "architectures", None) or [])
+    supported = [n for n in names if n in _ARCHITECTURES]
+    if supported:
+        return supported[0]
+    what = names[0] if names else f"model_type {getattr(hf_config, 'model_type', None)!r}"
+    raise _unsupported(f"architecture {what} is not supported")
+
+
+def _has_tokenizer_files(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in _TOKENIZER_FILES)
+
+
+def _with_bos(tokenizer: Any, architecture: str) -> Any:
+    """The tokenizer TransformerLens would use, without reaching the network.
+
+    ``HookedTransformer.set_tokenizer`` reloads a tokenizer by its ``name_or_path`` with
+    ``add_bos_token=True``. That works for a local folder (or a cached hub name); for a
+    tokenizer built in memory it would try a download, so a copy marked as final is used, and
+    TransformerLens prepends BOS itself (it checks whether the tokenizer does).
+    """
+    if architecture in _NO_BOS_RELOAD or tokenizer.bos_token is None:
+        return tokenizer
+    try:
+        return get_tokenizer_with_bos(tokenizer)
+    except (OSError, TypeError, KeyError):
+        tokenizer.init_kwargs["add_bos_token"] = True  # our own copy: see load_hf
+        return tokenizer
+
+
+def _resolve_source(path_or_model: Any, dtype: torch.dtype, tokenizer: Any) -> tuple[Any, Any, str]:
+    """Returns (Hugging Face model, tokenizer or None, model name) for any accepted source."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+    if isinstance(path_or_model, PreTrainedModel):
+        _architecture_name(_config_with_class(path_or_model))
+        if tokenizer is None:
+            source = getattr(path_or_model, "name_or_path", "") or ""
+            if source and Path(source).is_dir() and _has_tokenizer_files(Path(source)):
+                tokenizer = AutoTokenizer.from_pretrained(source)
+        name = Path(getattr(path_or_model, "name_or_path", "") or "hf-model").name or "hf-model"
+        return path_or_model, tokenizer, name
+    if not isinstance(path_or_model, (str, Path)):
+        raise TypeError(
+            "load_hf expects a checkpoint directory, a hub id or a transformers.PreTrainedModel, "
+            f"got {type(path_or_model).__name__}"
+        )
+    path = Path(path_or_model).expanduser()
+    if not path.exists():
+        name = str(path_or_model)
+        if not _HUB_ID.match(name):
+            raise CheckpointError(f"checkpoint path {name!r} does not exist")
+        try:
+            hf_config = AutoConfig.from_pretrained(name)
+            _architecture_name(hf_config)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        except UnsupportedArchitectureError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"checkpoint path {name!r} does not exist, and {name!r} could not be loaded as a "
+                f"Hugging Face hub model (it is not in the local cache, or the hub is "
+                f"unreachable): {exc}"
+            ) from exc
+        if tokenizer is None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(name)
+            except (OSError, ValueError):
+                tokenizer = None
+        return model, tokenizer, name.split("/")[-1]
+    if not path.is_dir():
+        raise CheckpointError(
+            f"checkpoint path {str(path)!r} is a file, not a checkpoint directory"
+        )
+    if not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"checkpoint directory {str(path)!r} has no config.json, so it is not a Hugging Face "
+            "checkpoint"
+        )
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{str(path / 'config.json')!r} is not valid JSON: {exc}") from exc
+    # decide support from the raw JSON first: no weights are read for an unsupported model
+    # (a config without an "architectures" list is judged by its model_type)
+    _architecture_name(_RawConfig(raw if isinstance(raw, dict) else {}))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except OSError as exc:
+        raise CheckpointError(f"could not load the weights in {str(path)!r}: {exc}") from exc
+    except ValueError as exc:  # a model_type transformers has no causal-LM class for
+        raise _unsupported(f"{str(path)!r} cannot be loaded as a causal LM ({exc})") from exc
+    if tokenizer is None and _has_tokenizer_files(path):
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model, tokenizer, path.resolve().name
+
+
+@dataclass(frozen=True)
+class _RawConfig:
+    """The two fields of a raw ``config.json`` that name its architecture."""
+
+    raw: dict[str, Any]
+
+    @property
+    def architectures(self) -> list[str]:
+        names = list(self.raw.get("architectures") or [])
+        if not names:  # a bare config: the causal-LM class transformers maps its model_type to
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+            cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(self.raw.get("model_type") or "")
+            names = [cls] if isinstance(cls, str) else []
+        return names
+
+    @property
+    def model_type(self) -> str | None:
+        return self.raw.get("model_type")
+
+
+def _config_with_class(model: Any) -> _RawConfig:
+    """An in-memory model's architecture is its class, whatever its config's list says."""
+    return _RawConfig(
+        {
+            "architectures": [type(model).__name__],
+            "model_type": getattr(model.config, "model_type", None),
+        }
+    )
+
+
+def load_hf(
+    path_or_model: str | Path | Any,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    n_devices: int = 1,
+    tokenizer: Any = None,
+    process_weights: bool = False,
+    n_ctx: int | None = None,
+) -> HookedTransformer:
+    """Converts a Hugging Face causal LM into a ``HookedTransformer``, offline.
+
+    The source is a local checkpoint directory (``config.json`` + weights, as written by
+    ``save_pretrained``), an in-memory ``transformers.PreTrainedModel``, or a hub id
+    (``"org/name"``) that ``transformers`` can load from its local cache (or, for users online,
+    from the hub). No official-model-name table is consulted: the configuration is built from
+    the checkpoint's own config, per architecture (see :data:`SUPPORTED_ARCHITECTURES`), and the
+    weights go through TransformerLens's own converters.
+
+    **The weights are not processed by default**: no LayerNorm folding, no centering of the
+    weights that write to the residual stream or of the unembedding, no value-bias folding.
+    Each TransformerLens parameter is then the checkpoint's tensor, reshaped (``mlp.W_out`` of
+    a LLaMA block is ``down_proj.weight`` transposed, ``attn.W_Q`` is ``q_proj.weight`` split
+    per head), so restoring a parameter restores exactly that checkpoint tensor, and raw logits
+    match the checkpoint's. Two exceptions follow from TransformerLens's Gemma conventions:
+    Gemma's ``embed.W_E`` holds the embedding multiplied by ``sqrt(d_model)`` and its norm
+    weights hold ``1 + w``. ``process_weights=True`` applies TransformerLens's standard
+    processing instead (``fold_ln``, ``center_writing_weights``, ``center_unembed``,
+    ``fold_value_biases``), which keeps log-probabilities but not raw logits.
+
+    The tokenizer found in the directory (or given as ``tokenizer``, or found in the in-memory
+    model's ``name_or_path`` folder) is attached, padding on the right. Without one the model
+    takes token ids only.
+
+    Args:
+        path_or_model: A checkpoint directory, a hub id, or a ``PreTrainedModel`` (left
+            unchanged).
+        device: Where the model goes; ``None`` is TransformerLens's default (CUDA when
+            available).
+        dtype: Parameter dtype: ``torch.float32``, ``torch.bfloat16`` or ``torch.float16``.
+        n_devices: Number of GPUs to split the layers over (passed to the TransformerLens
+            config).
+        tokenizer: A tokenizer to attach instead of the one found with the checkpoint.
+        process_weights: Apply TransformerLens's weight processing (see above).
+        n_ctx: Longest sequence the model accepts. ``None`` is the checkpoint's maximum,
+            capped at 4096 (TransformerLens keeps an ``n_ctx x n_ctx`` mask per layer).
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        CheckpointError: The path does not exist (and is no loadable hub id), is not a
+            directory, or lacks ``config.json``.
+        UnsupportedArchitectureError: The architecture (or one of its options, such as a rope
+            scaling type) cannot be converted; the message lists the supported ones.
+        ConfigError: ``dtype``, ``n_devices`` or ``n_ctx`` is out of range.
+    """
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    if not isinstance(n_devices, int) or n_devices < 1:
+        raise ConfigError(f"n_devices must be a positive integer, got {n_devices!r}")
+    if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx < 1):
+        raise ConfigError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+
+    if tokenizer is not None:  # the model gets its own: set_tokenizer changes padding_side
+        tokenizer = copy.deepcopy(tokenizer)
+    hf_model, tok, name = _resolve_source(path_or_model, dtype, tokenizer)
+    architecture = _architecture_name(_config_with_class(hf_model))
+    spec = _ARCHITECTURES[architecture]
+    fields = spec.config(hf_model.config)
+    max_ctx = fields["n_ctx"]
+    if n_ctx is not None and fields["positional_embedding_type"] == "standard" and n_ctx > max_ctx:
+        raise ConfigError(f"n_ctx={n_ctx} exceeds the {max_ctx} learned positions of {name!r}")
+    fields["n_ctx"] = n_ctx if n_ctx is not None else min(max_ctx, _DEFAULT_MAX_CTX)
+    fields.update(
+        model_name=name,
+        original_architecture=architecture,
+        dtype=dtype,
+        device=str(device) if device is not None else None,
+        n_devices=n_devices,
+        tokenizer_name=None,
+        init_weights=False,
+    )
+    cfg = HookedTransformerConfig.from_dict(fields)
+    if tok is not None:
+        tok = _with_bos(tok, architecture)
+
+    with torch.no_grad():
+        state = spec.weights(hf_model, cfg)
+        state = {k: v.detach().to(dtype) for k, v in state.items()}
+        # GPT-2's unembedding has no bias; TransformerLens's Unembed always has one
+        state.setdefault("unembed.b_U", torch.zeros(cfg.d_vocab_out, dtype=dtype))
+    model = HookedTransformer(cfg, tokenizer=tok, default_padding_side="right" if tok else None)
+    params = {n for n, _ in model.named_parameters()}
+    if process_weights:
+        model.load_and_process_state_dict(
+            state,
+            fold_ln=True,
+            center_writing_weights=True,
+            center_unembed=True,
+            fold_value_biases=True,
+        )
+    else:
+        missing, extra = sorted(params - set(state)), sorted(set(state) - params)
+        if missing or extra:
+            raise UnsupportedArchitectureError(
+                f"converting {architecture} gave a state dict that does not fit the model: "
+                f"missing {missing[:5]}, unexpected {extra[:5]}"
+            )
+        model.load_state_dict(state, strict=False)
+    model.eval()
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Compatibility
+# --------------------------------------------------------------------------------------------
+
+COMPATIBILITY_FIELDS: tuple[str, ...] = (
+    "n_layers",
+    "d_model",
+    "n_heads",
+    "d_head",
+    "d_mlp",
+    "d_vocab",
+    "d_vocab_out",
+    "n_key_value_heads",
+    "n_ctx",
+    "act_fn",
+    "normalization_type",
+    "final_rms",
+    "positional_embedding_type",
+    "rotary_dim",
+    "rotary_adjacent_pairs",
+    "gated_mlp",
+    "attn_only",
+    "parallel_attn_mlp",
+    "use_local_attn",
+    "window_size",
+    "attn_types",
+    "use_normalization_before_and_after",
+    "use_qk_norm",
+    "num_experts",
+    "default_prepend_bos",
+)
+"""The ``HookedTransformerConfig`` fields two models must share for patching or restoration
+between them to mean anything (same shapes, same hook semantics, same token positions)."""
+
+
+def check_compatible(a: HookedTransformer, b: HookedTransformer) -> None:
+    """Checks that activations and weights of one model can be put into the other.
+
+    Patching and restoration swap tensors between two models position by position and
+    parameter by parameter; that only means something when both have the same architecture and
+    read the same tokens. The fields compared are :data:`COMPATIBILITY_FIELDS`, in that order,
+    then the tokenizers (both or neither present, same vocabulary, same BOS token). dtype and
+    device may differ.
+
+    Args:
+        a: One model (in a study, the source / base model).
+        b: The other (the target / unlearned model).
+
+    Raises:
+        IncompatibleModelsError: Names the first field that differs with both values, e.g.
+            ``"models differ in d_mlp: 3072 vs 4096"``, or the tokenizer difference (one model
+            lacks a tokenizer, or a token whose id differs).
+        TypeError: Either argument is not a ``HookedTransformer``.
+    """
+    for label, model in (("first", a), ("second", b)):
+        if not isinstance(model, HookedTransformer):
+            raise TypeError(
+                f"check_compatible expects HookedTransformer models; the {label} is a "
+                f"{type(model).__name__}"
+            )
+    for field in COMPATIBILITY_FIELDS:
+        va, vb = getattr(a.cfg, field, None), getattr(b.cfg, field, None)
+        if va != vb:
+            raise IncompatibleModelsError(f"models differ in {field}: {va!r} vs {vb!r}")
+    _check_tokenizers(a.tokenizer, b.tokenizer)
+
+
+def _check_tokenizers(ta: Any, tb: Any) -> None:
+    if (ta is None) != (tb is None):
+        which = "first" if ta is None else "second"
+        raise IncompatibleModelsError(
+            f"models differ in tokenizer: the {which} model has none and the other has one"
+        )
+    if ta is None or ta is tb:
+        return
+    va, vb = ta.get_vocab(), tb.get_vocab()
+    if va != vb:
+        if len(va) != len(vb):
+            detail = f"{len(va)} vs {len(vb)} tokens"
+        else:
+            detail = ""
+        for token in sorted(
+            set(va) | set(vb), key=lambda t: (min(va.get(t, 1 << 62), vb.get(t, 1 << 62)), t)
+        ):
+            if va.get(token) != vb.get(token):
+                token_info = f"token {token!r} has id {va.get(token)} vs {vb.get(token)}"
+                detail = f"{detail}; {token_info}" if detail else token_info
+                break
+        raise IncompatibleModelsError(f"models differ in tokenizer vocabulary: {detail}")
+    if ta.bos_token != tb.bos_token:
+        raise IncompatibleModelsError(
+            f"models differ in tokenizer bos_token: {ta.bos_token!r} vs {tb.bos_token!r}"
+        )

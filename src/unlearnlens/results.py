@@ -1,0 +1,234 @@
+"""Sweep results: scores with named axes, saved and loaded without loss."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from unlearnlens.errors import UnlearnLensError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.axes import Axes
+
+__all__ = ["SweepResult"]
+
+_FORMAT = "unlearnlens.SweepResult/1"
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready copy of axis values and metadata (tuples become lists, tensors lists)."""
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return value.item()
+    return value
+
+
+def _same_float(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+@dataclass(frozen=True, eq=False)
+class SweepResult:
+    """Scores of a sweep (patching, restoration, a probe) along named axes.
+
+    Attributes:
+        scores: Mean score over prompts for each point of the sweep; its dimensions are named
+            by ``axes`` in order, e.g. ``[layer]`` or ``[layer, pos]``. Float32 on the CPU.
+        axes: Ordered mapping from axis name to the labels along it (``{"layer": [0, 1, ...]}``).
+        metric: The metric's name (``"krs"``, ``"answer_logprob"``, a custom function's name).
+        baseline: The unpatched target model's score (KRS: 0 by definition).
+        reference: The source model's score (KRS: 1 by definition).
+        meta: Free-form description of the sweep (hooks, window, positions, models, ...); JSON
+            values only.
+        per_prompt: Optional per-prompt scores, shape ``[*scores.shape, batch]`` (NaN where a
+            prompt is left out, e.g. KRS with source = target).
+    """
+
+    scores: Float[Tensor, "..."]
+    axes: dict[str, list[Any]]
+    metric: str
+    baseline: float
+    reference: float
+    meta: dict[str, Any] = field(default_factory=dict)
+    per_prompt: Float[Tensor, "..."] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scores", self.scores.detach().float().cpu())
+        object.__setattr__(self, "axes", {str(k): _plain(list(v)) for k, v in self.axes.items()})
+        object.__setattr__(self, "meta", _plain(dict(self.meta)))
+        object.__setattr__(self, "baseline", float(self.baseline))
+        object.__setattr__(self, "reference", float(self.reference))
+        shape = tuple(len(v) for v in self.axes.values())
+        if tuple(self.scores.shape) != shape:
+            raise UnlearnLensError(
+                f"scores of shape {tuple(self.scores.shape)} do not match the axes "
+                f"{ {k: len(v) for k, v in self.axes.items()} }"
+            )
+        if self.per_prompt is not None:
+            pp = self.per_prompt.detach().float().cpu()
+            if tuple(pp.shape[:-1]) != shape:
+                raise UnlearnLensError(
+                    f"per_prompt of shape {tuple(pp.shape)} must be scores' shape {shape} plus a "
+                    "prompt axis"
+                )
+            object.__setattr__(self, "per_prompt", pp)
+
+    # ------------------------------------------------------------------------------ access
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        """The axis names, in the order of ``scores``' dimensions."""
+        return tuple(self.axes)
+
+    def peak(self) -> tuple[dict[str, Any], float]:
+        """Where the score is highest (NaNs ignored), as ``({axis: label}, score)``."""
+        flat = torch.nan_to_num(self.scores, nan=-math.inf).flatten()
+        i = int(flat.argmax())
+        labels = {}
+        for name, size in reversed([(k, len(v)) for k, v in self.axes.items()]):
+            labels[name] = self.axes[name][i % size]
+            i //= size
+        labels = {k: labels[k] for k in self.axes}
+        return labels, float(self.scores.flatten()[int(flat.argmax())])
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """A long table: one column per axis plus ``score``; metric, baseline, reference in attrs."""
+        import pandas as pd
+
+        grids = torch.meshgrid(*[torch.arange(len(v)) for v in self.axes.values()], indexing="ij")
+        data = {
+            name: [labels[int(i)] for i in grid.flatten()]
+            for (name, labels), grid in zip(self.axes.items(), grids)
+        }
+        data["score"] = self.scores.flatten().tolist()
+        frame = pd.DataFrame(data)
+        frame.attrs.update(metric=self.metric, baseline=self.baseline, reference=self.reference)
+        return frame
+
+    def plot(self, ax: Axes | None = None, *, label: str | None = None, title: str | None = None) -> Axes:
+        """A line over the layer axis (with baseline and reference), or a heatmap for two axes."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6, 3.5) if self.scores.ndim == 1 else (7, 4))
+        names = list(self.axes)
+        if self.scores.ndim == 1:
+            x = self.axes[names[0]]
+            ax.plot(x, self.scores.numpy(), marker="o", label=label or self.meta.get("name"))
+            ax.axhline(self.baseline, color="grey", ls=":", lw=1, label="unpatched target")
+            ax.axhline(self.reference, color="black", ls="--", lw=1, label="source")
+            ax.set_xlabel(names[0])
+            ax.set_ylabel(self.metric)
+            ax.legend(fontsize="small")
+        elif self.scores.ndim == 2:
+            im = ax.imshow(self.scores.numpy(), aspect="auto", cmap="RdBu_r", origin="lower",
+                           vmin=min(self.baseline, self.reference, float(self.scores.nan_to_num().min())),
+                           vmax=max(self.baseline, self.reference, float(self.scores.nan_to_num().max())))
+            ax.set_ylabel(names[0])
+            ax.set_xlabel(names[1])
+            ax.set_yticks(range(len(self.axes[names[0]])), [str(v) for v in self.axes[names[0]]])
+            ax.set_xticks(range(len(self.axes[names[1]])), [str(v) for v in self.axes[names[1]]])
+            ax.figure.colorbar(im, ax=ax, label=self.metric)
+        else:
+            raise UnlearnLensError(f"plot() draws 1 or 2 axes; this result has {self.scores.ndim}")
+        if title or self.meta.get("name"):
+            ax.set_title(title or str(self.meta.get("name")))
+        return ax
+
+    # --------------------------------------------------------------------------- save / load
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Everything but the tensors, JSON-ready (used by save and by study reports)."""
+        return {
+            "format": _FORMAT,
+            "axes": self.axes,
+            "metric": self.metric,
+            "baseline": self.baseline,
+            "reference": self.reference,
+            "meta": self.meta,
+        }
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The tensors to store: ``scores`` and, if present, ``per_prompt``."""
+        out = {"scores": self.scores.contiguous()}
+        if self.per_prompt is not None:
+            out["per_prompt"] = self.per_prompt.contiguous()
+        return out
+
+    @classmethod
+    def from_parts(cls, header: dict[str, Any], tensors: dict[str, Tensor]) -> SweepResult:
+        """Rebuilds a result from :meth:`to_json_dict` and :meth:`tensors` output."""
+        if header.get("format") != _FORMAT:
+            raise UnlearnLensError(f"not a saved SweepResult (format {header.get('format')!r})")
+        return cls(
+            scores=tensors["scores"],
+            axes=header["axes"],
+            metric=header["metric"],
+            baseline=header["baseline"],
+            reference=header["reference"],
+            meta=header["meta"],
+            per_prompt=tensors.get("per_prompt"),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Writes one ``.safetensors`` file: exact tensors plus a JSON header. Returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(self.tensors(), str(path), metadata={"unlearnlens": json.dumps(self.to_json_dict())})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SweepResult:
+        """Reads a file written by :meth:`save`."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise UnlearnLensError(f"no saved SweepResult at {path}")
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads((f.metadata() or {}).get("unlearnlens", "{}"))
+        return cls.from_parts(header, load_file(str(path)))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SweepResult):
+            return NotImplemented
+        same_pp = (self.per_prompt is None and other.per_prompt is None) or (
+            self.per_prompt is not None
+            and other.per_prompt is not None
+            and torch.equal(self.per_prompt.nan_to_num(7.0), other.per_prompt.nan_to_num(7.0))
+            and torch.equal(self.per_prompt.isnan(), other.per_prompt.isnan())
+        )
+        return (
+            self.axes == other.axes
+            and self.metric == other.metric
+            and _same_float(self.baseline, other.baseline)
+            and _same_float(self.reference, other.reference)
+            and self.meta == other.meta
+            and torch.equal(self.scores.isnan(), other.scores.isnan())
+            and torch.equal(self.scores.nan_to_num(7.0), other.scores.nan_to_num(7.0))
+            and same_pp
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        shape = " x ".join(f"{k}[{len(v)}]" for k, v in self.axes.items())
+        where, best = self.peak()
+        return (
+            f"SweepResult({self.metric} over {shape}; baseline {self.baseline:.4g}, reference "
+            f"{self.reference:.4g}, peak {best:.4g} at {where})"
+        )
