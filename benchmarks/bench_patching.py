@@ -41,8 +41,8 @@ def main() -> dict[str, float]:
     def ours_each():
         return ul.patch_residual(base, unlearned, ps, positions="each", metric="answer_logprob", progress=False)
 
-    t_tl, ref = best_of(tl_each, 2)
-    t_ours, res = best_of(ours_each, 2)
+    t_tl, ref = best_of(tl_each, 1)
+    t_ours, res = best_of(ours_each, 1)
     diff = float((ref - res.scores).abs().max())
     results["resid_each_ratio"] = t_tl / t_ours
     print(f"patch_residual(positions='each'): TransformerLens {t_tl:.2f}s, unlearnlens {t_ours:.2f}s "
@@ -73,8 +73,8 @@ def main() -> dict[str, float]:
     def ours_sweep():
         return ul.patch_mlp_coefficients(base, unlearned, ps2, window=5, progress=False)
 
-    t_plain, ref2 = best_of(straightforward, 2)
-    t_ours2, res2 = best_of(ours_sweep, 2)
+    t_plain, ref2 = best_of(straightforward, 1)
+    t_ours2, res2 = best_of(ours_sweep, 1)
     diff2 = float((ref2 - res2.scores).abs().max())
     results["study_sweep_ratio"] = t_plain / t_ours2
     print(f"study sweep (mlp.hook_post, window 5, KRS): run_with_hooks loop {t_plain:.2f}s, "

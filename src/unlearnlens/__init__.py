@@ -17,6 +17,7 @@ from unlearnlens.concepts import (
     locate_concept_vectors,
     vocab_projection,
 )
+from unlearnlens.conceptvectors import Concept, load_conceptvectors
 from unlearnlens.errors import (
     CheckpointError,
     IncompatibleModelsError,
@@ -36,6 +37,8 @@ from unlearnlens.prompts import PromptSet, format_question
 from unlearnlens.results import SweepResult
 
 __all__ = [
+    "Concept",
+    "load_conceptvectors",
     "CoefficientComparison",
     "CoefficientStats",
     "ConceptVector",
