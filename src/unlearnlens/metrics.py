@@ -238,7 +238,7 @@ class BoundMetric:
         return bad
 
 
-def resolve_metric(metric: MetricLike) -> BoundMetric:
+def resolve_metric(metric: object) -> BoundMetric:
     """Turns a metric name or a custom callable into a :class:`BoundMetric`.
 
     Raises:
