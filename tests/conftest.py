@@ -9,6 +9,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch
+
+# Tests run on tiny models, where extra threads only add contention; pytest-xdist gives each
+# core its own worker instead.
+torch.set_num_threads(1)
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast

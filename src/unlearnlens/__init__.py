@@ -34,9 +34,14 @@ from unlearnlens.models import (
 )
 from unlearnlens.patching import patch, patch_attention, patch_mlp_coefficients, patch_residual
 from unlearnlens.prompts import PromptSet, format_question
+from unlearnlens.restoration import Restoration, restore_, restore_sweep, restored
 from unlearnlens.results import SweepResult
 
 __all__ = [
+    "Restoration",
+    "restore_",
+    "restore_sweep",
+    "restored",
     "Concept",
     "load_conceptvectors",
     "CoefficientComparison",

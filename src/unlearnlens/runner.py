@@ -76,7 +76,10 @@ def unembed(
     """
     if model.cfg.normalization_type is not None:
         resid = model.ln_final(resid)
-    logits = model.unembed(resid)
+    # Unembed's own computation (hooks included) without its per-call contiguous copy of
+    # ``W_U.T``: a d_model x d_vocab copy that costs more than the product at a few positions.
+    u = model.unembed
+    logits = u.hook_out(torch.nn.functional.linear(u.hook_in(resid), u.W_U.T, u.b_U))
     return apply_softcap(logits, model.cfg.output_logits_soft_cap).float()
 
 
@@ -143,11 +146,18 @@ class Variant:
             run starts from the target's cached residual there. ``-1`` starts from the token
             embedding; ``n_layers`` only recomputes the final norm and unembedding. Derived
             from the patches when None.
+        mlp_out_only: The change reaches block ``start_layer`` only through its MLP output
+            projection (``mlp.W_out``, ``mlp.b_out``): the block's attention and MLP
+            coefficients are the target's own, so the run starts from the cached
+            ``resid_mid`` and ``mlp.hook_post`` there and recomputes only ``W_out``.
+            Ignored for architectures whose blocks are not plain pre-norm (parallel
+            attention and MLP, or norms after the sublayers).
     """
 
     patches: tuple[Patch, ...] = ()
     context: Callable[[], AbstractContextManager[object]] | None = None
     start_layer: int | None = None
+    mlp_out_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -176,6 +186,7 @@ class _Clean:
     source_acts: dict[str, Tensor]
     target_resid: dict[int, Tensor]
     kv: TransformerLensKeyValueCache | None
+    target_mid: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
 def _patch_mask(patch: Patch, chunk: PromptSet, rows: slice) -> Tensor:
@@ -197,6 +208,18 @@ def _first_position(variant: Variant, chunk: PromptSet, rows: slice) -> int:
     return min(firsts)
 
 
+def _mid_block_start(variant: Variant, cfg: object) -> bool:
+    """Whether a variant can start after its first block's MLP coefficients."""
+    return (
+        variant.mlp_out_only
+        and not variant.patches
+        and variant.start_layer is not None
+        and 0 <= variant.start_layer < cfg.n_layers  # type: ignore[attr-defined]
+        and not getattr(cfg, "parallel_attn_mlp", False)
+        and not getattr(cfg, "use_normalization_before_and_after", False)
+    )
+
+
 def _start_layer(variant: Variant, n_layers: int) -> int:
     if variant.start_layer is not None:
         return variant.start_layer
@@ -212,6 +235,7 @@ def _clean_runs(
     source_hooks: set[str],
     start_layers: set[int],
     want_kv: bool,
+    mid_layers: frozenset[int] = frozenset(),
 ) -> _Clean:
     n_layers = target.cfg.n_layers
     end = int(chunk.last_target_position.max()) + 1
@@ -227,6 +251,7 @@ def _clean_runs(
     src_logits = logits_from_residual(source, src_resid, chunk)
 
     resid_names = {f"blocks.{layer}.hook_resid_pre" for layer in start_layers if 0 <= layer < n_layers}
+    resid_names |= {f"blocks.{layer}.{h}" for layer in mid_layers for h in ("hook_resid_mid", "mlp.hook_post")}
     kv = TransformerLensKeyValueCache.init_cache(target.cfg, target.cfg.device, len(chunk)) if want_kv else None
     tgt_tokens = chunk.tokens[:, :end].to(target.cfg.device)
     tgt_resid, tgt_cache = target.run_with_cache(
@@ -245,6 +270,10 @@ def _clean_runs(
         source_acts={k: v for k, v in src_cache.items()},
         target_resid=resid,
         kv=kv,
+        target_mid={
+            layer: (tgt_cache[f"blocks.{layer}.hook_resid_mid"], tgt_cache[f"blocks.{layer}.mlp.hook_post"])
+            for layer in mid_layers
+        },
     )
 
 
@@ -309,7 +338,14 @@ def _run_group(
     with ctx:
         hooks = _stack_hooks(group, chunk, rows, clean, first_pos, end)
         with target.hooks(fwd_hooks=hooks):
-            if start < 0:
+            if _mid_block_start(group[0], target.cfg):
+                mid, post = (t[:, first_pos:end] for t in clean.target_mid[start])
+                mlp = target.blocks[start].mlp
+                x = mid + torch.nn.functional.linear(post, mlp.W_out.T, mlp.b_out)
+                if start + 1 < n_layers:
+                    x = target(x, start_at_layer=start + 1, stop_at_layer=n_layers)
+                resid = x
+            elif start < 0:
                 resid = target(
                     chunk.tokens[:, :end].to(target.cfg.device),
                     attention_mask=chunk.attention_mask[:, :end].to(target.cfg.device),
@@ -342,7 +378,7 @@ def _groups(
     keyed: dict[tuple[int, int], list[int]] = {}
     for i, v in enumerate(variants):
         key = (_start_layer(v, n_layers), _first_position(v, chunk, rows))
-        if v.context is not None:
+        if v.context is not None or v.mlp_out_only:
             yield [i], key[0], key[1]
         else:
             keyed.setdefault(key, []).append(i)
@@ -401,11 +437,12 @@ def run_variants(
         keep = len(chunks) == 1
         needs, cleans, refs = [], [], []
         for sl, chunk in chunks:
-            starts = {_start_layer(v, n_layers) for v in variants}
+            mids = frozenset(_start_layer(v, n_layers) for v in variants if _mid_block_start(v, target.cfg))
+            starts = {_start_layer(v, n_layers) for v in variants if not _mid_block_start(v, target.cfg)}
             want_kv = any(_first_position(v, chunk, sl) > 0 for v in variants)
-            needs.append((starts, want_kv))
+            needs.append((starts, want_kv, mids))
             if keep:
-                clean = _clean_runs(source, target, chunk, source_hooks, starts, want_kv)
+                clean = _clean_runs(source, target, chunk, source_hooks, starts, want_kv, mids)
                 cleans.append(clean)
                 refs.append((clean.source_logits, clean.target_logits))
             else:
@@ -421,9 +458,9 @@ def run_variants(
         plan = [list(_groups(variants, chunk, sl, n_layers, rows_per_pass)) for sl, chunk in chunks]
         bar = tqdm(total=sum(len(p) for p in plan), desc=desc, disable=not progress, leave=False)
         try:
-            for (sl, chunk), groups, clean, (starts, want_kv) in zip(chunks, plan, cleans, needs):
+            for (sl, chunk), groups, clean, (starts, want_kv, mids) in zip(chunks, plan, cleans, needs):
                 if clean is None:
-                    clean = _clean_runs(source, target, chunk, source_hooks, starts, want_kv)
+                    clean = _clean_runs(source, target, chunk, source_hooks, starts, want_kv, mids)
                 end = int(chunk.last_target_position.max()) + 1
                 for idx, start, first in groups:
                     group = [variants[i] for i in idx]

@@ -1,0 +1,351 @@
+"""Parameter restoration: put the source model's weights back into the target, layer by layer.
+
+The reference study's second experiment copies the *base* model's parameters (for instance the
+MLP value vectors ``W_out``) into the *unlearned* model over a window of layers and measures how
+much of the base model's output comes back. Its finding: restoring ``W_out`` alone recovers
+almost nothing, so fine-tuning unlearning leaves the stored knowledge in place and changes how
+it is retrieved.
+
+* :func:`restored` swaps the source's weights in for the length of a ``with`` block and puts the
+  target's own weights back bit for bit on exit, also after an exception or an interrupt;
+* :func:`restore_` makes the same change for good, to build a partially restored model;
+* :func:`restore_sweep` scores one restoration per layer (a sliding window, or every layer from
+  the top or from the bottom) on :mod:`unlearnlens.runner`, starting each run from the target's
+  cached residual stream at the lowest restored layer.
+
+Components are named as :mod:`unlearnlens.trainers.params` names them: TransformerLens's
+block-relative parameter names (``mlp.W_out``, ``attn.W_Q``, ``ln2.w``, ...), the groups
+``mlp``, ``attn``, ``ln``, ``block``, and the top-level parts ``embed``, ``pos_embed``,
+``unembed``, ``ln_final``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from types import TracebackType
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from transformer_lens import HookedTransformer
+
+from unlearnlens._checks import check_layers, check_window, window_layers
+from unlearnlens.errors import ConfigError, IncompatibleModelsError
+from unlearnlens.metrics import MetricLike, resolve_metric
+from unlearnlens.patching import prepare, sweep_result
+from unlearnlens.prompts import Prompts
+from unlearnlens.results import SweepResult
+from unlearnlens.runner import Variant, run_variants
+from unlearnlens.trainers.params import TOP_LEVEL, resolve_components, select_parameters
+
+__all__ = ["Restoration", "restore_", "restore_sweep", "restored"]
+
+Mode = Literal["window", "from_top", "from_bottom"]
+_MODES = ("window", "from_top", "from_bottom")
+
+Layers = int | Iterable[int] | None
+Components = str | Iterable[str]
+
+
+def _pairs(
+    target: HookedTransformer, source: HookedTransformer, layers: Layers, components: Components
+) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+    """``(name, target parameter, source parameter)`` for the selection, after every check."""
+    from unlearnlens.models import check_compatible
+
+    check_compatible(source, target)
+    if isinstance(components, str):
+        components = (components,)
+    else:
+        components = tuple(components)
+    if isinstance(layers, Iterable) and not isinstance(layers, (str, bytes)):
+        layers = list(layers)  # read a generator once, for both models
+    wanted = select_parameters(target, layers, components)
+    available = select_parameters(source, layers, components)
+    pairs = []
+    for name, dst in wanted.items():
+        src = available.get(name)
+        if src is None:
+            raise IncompatibleModelsError(f"the source model has no parameter {name!r}")
+        if src.shape != dst.shape:
+            raise IncompatibleModelsError(
+                f"parameter {name!r} has shape {tuple(src.shape)} in the source model and "
+                f"{tuple(dst.shape)} in the target model"
+            )
+        pairs.append((name, dst, src))
+    return pairs
+
+
+def _put_back(saved: list[tuple[nn.Parameter, Tensor]]) -> None:
+    """Copies saved values back into their parameters, last saved first; empties ``saved``.
+
+    An interrupt that lands between two copies does not leave a weight swapped: the copy is
+    tried again and the interrupt raised once every weight is back.
+    """
+    error: BaseException | None = None
+    with torch.no_grad():
+        for param, original in reversed(saved):
+            while True:
+                try:
+                    param.copy_(original)
+                    break
+                except KeyboardInterrupt as exc:
+                    error = error or exc
+                except BaseException as exc:  # raised below, after the rest are back
+                    error = error or exc
+                    break
+    saved.clear()
+    if error is not None:
+        raise error
+
+
+class Restoration:
+    """A reversible swap of some of the source model's weights into the target model.
+
+    Made by :func:`restored` (which checks the arguments); use it as a context manager. On
+    entry each selected target parameter is saved (a copy on its own device, the only extra
+    memory held) and overwritten in place with the source's value, converted to the target's
+    device and dtype. On exit the saved values are copied back, bit for bit, and released. The
+    parameter objects stay the same objects with the same ``requires_grad``, so optimizers and
+    anything else holding them keep working.
+
+    Restorations of the same model nest, overlapping or not, as long as they exit in the
+    reverse order of entry (as ``with`` blocks do). One object is not entered twice at once.
+    """
+
+    def __init__(self, pairs: list[tuple[str, nn.Parameter, nn.Parameter]]) -> None:
+        self._pairs = pairs
+        self._saved: list[tuple[nn.Parameter, Tensor]] | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """Full names of the target parameters this restoration swaps."""
+        return [name for name, _, _ in self._pairs]
+
+    @property
+    def active(self) -> bool:
+        """Whether the source's weights are in the target now (inside the ``with`` block)."""
+        return self._saved is not None
+
+    def __enter__(self) -> Restoration:
+        if self._saved is not None:
+            raise RuntimeError("this restoration is already active; make a new one to nest")
+        saved: list[tuple[nn.Parameter, Tensor]] = []
+        try:
+            with torch.no_grad():
+                for _, dst, src in self._pairs:
+                    saved.append((dst, dst.detach().clone()))
+                    dst.copy_(src.detach())  # converts device and dtype; same object, in place
+        except BaseException:
+            _put_back(saved)
+            raise
+        self._saved = saved
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        saved, self._saved = self._saved, None
+        if saved is not None:
+            _put_back(saved)
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "inactive"
+        return f"Restoration({len(self._pairs)} parameters, {state})"
+
+
+def restored(
+    target: HookedTransformer,
+    source: HookedTransformer,
+    *,
+    layers: int | Iterable[int] | None = None,
+    components: str | Iterable[str] = "mlp.W_out",
+) -> Restoration:
+    """The source's weights in the target for the length of a ``with`` block.
+
+    ``with ul.restored(unlearned, base, layers=[30, 31], components="mlp.W_out"): ...`` runs
+    the block with the base model's MLP value vectors in layers 30 and 31 of the unlearned
+    model; on exit the unlearned model's own weights are back, bit for bit, also when the
+    block ends with an exception or a KeyboardInterrupt. Only the selected tensors move (the
+    source may live on another device or in another dtype); no model is copied. Blocks on the
+    same model nest.
+
+    Every argument is checked here, before any weight changes.
+
+    Args:
+        target: The model whose weights are replaced (the unlearned model).
+        source: The model they come from (the base model).
+        layers: Block indices (negative count from the end); ``None`` for every layer.
+            Top-level parts (``embed``, ``pos_embed``, ``unembed``, ``ln_final``) take no
+            layer.
+        components: One name or several: block-relative parameter names (``"mlp.W_out"``,
+            ``"attn.W_Q"``, ``"ln2.w"``, ``"attn.W_K"`` meaning ``"attn._W_K"`` under
+            grouped-query attention, ...), groups (``"mlp"``, ``"attn"``, ``"ln"``,
+            ``"block"``) or top-level parts.
+
+    Returns:
+        A :class:`Restoration` to use in a ``with`` statement; ``as r`` gives it, and
+        ``r.names`` lists the swapped parameters.
+
+    Raises:
+        ComponentError: An unknown component (the message lists the valid ones) or one this
+            architecture lacks (``mlp.W_gate`` on GPT-2).
+        LayerError: A layer out of range.
+        IncompatibleModelsError: The models differ in architecture, tokenizer or the shape of
+            a selected parameter.
+    """
+    return Restoration(_pairs(target, source, layers, components))
+
+
+def restore_(
+    target: HookedTransformer,
+    source: HookedTransformer,
+    *,
+    layers: int | Iterable[int] | None = None,
+    components: str | Iterable[str] = "mlp.W_out",
+) -> HookedTransformer:
+    """Copies the source's weights into the target for good, to build a partially restored model.
+
+    The permanent form of :func:`restored`, with the same arguments and checks. The change is
+    all or nothing: if it fails or is interrupted part-way, the target keeps its own weights.
+    For that, the selected target tensors are held in a copy while the weights are written, and
+    released after.
+
+    Returns:
+        The target model, changed in place.
+
+    Raises:
+        ComponentError, LayerError, IncompatibleModelsError: As :func:`restored`; nothing is
+            changed.
+    """
+    restoration = restored(target, source, layers=layers, components=components)
+    restoration.__enter__()
+    restoration._saved = None  # keep the source's weights: drop the saved originals
+    return target
+
+
+def _start_layer(components: list[str], layers: list[int], n_layers: int) -> int:
+    """First block whose input a restoration can change (``Variant.start_layer``)."""
+    if {"embed", "pos_embed"} & set(components):
+        return -1
+    if any(c not in TOP_LEVEL for c in components):
+        return min(layers)
+    return n_layers  # only ln_final / unembed: the blocks run as before
+
+
+def _restored_layers(mode: str, centre: int, window: int, n_layers: int) -> list[int]:
+    if mode == "window":
+        return window_layers(centre, window, n_layers)
+    if mode == "from_top":
+        return list(range(centre, n_layers))
+    return list(range(0, centre + 1))
+
+
+def restore_sweep(
+    base: HookedTransformer,
+    unlearned: HookedTransformer,
+    prompts: Prompts,
+    *,
+    components: str | Sequence[str] = "mlp.W_out",
+    layers: int | Sequence[int] | None = None,
+    window: int = 1,
+    mode: Mode = "window",
+    metric: MetricLike = "krs",
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Restores the base model's parameters into the unlearned model, layer by layer, and scores it.
+
+    For every layer ``l`` in ``layers`` the unlearned model is run on the prompts with the base
+    model's ``components`` restored in
+
+    * ``mode="window"``: layers ``l-(w-1)/2 .. l+(w-1)/2``, clipped to the model (the study
+      restores ``mlp.W_out`` with ``window=5``);
+    * ``mode="from_top"``: layers ``l .. n_layers-1``;
+    * ``mode="from_bottom"``: layers ``0 .. l``;
+
+    and the metric is read at the target positions. Each run starts from the unlearned
+    model's cached residual stream at the lowest restored layer (from the embedding when
+    ``embed`` or ``pos_embed`` is restored), and both models come back unchanged.
+
+    Args:
+        base: The original model (source of the weights).
+        unlearned: The unlearned model (restored).
+        prompts: A PromptSet or ``(prompt, answer)`` pairs.
+        components: What to restore, as in :func:`restored`; top-level parts are restored in
+            every run.
+        layers: The layers swept over (window centres, or where ``from_top``/``from_bottom``
+            start); all layers by default.
+        window: A positive odd number of layers (``mode="window"`` only).
+        mode: ``"window"``, ``"from_top"`` or ``"from_bottom"``.
+        metric: ``"krs"`` (default), ``"answer_logprob"``, ``"answer_prob"``, ``"accuracy"``,
+            ``"recovery"``, or a callable ``(logits, prompts) -> [batch]``.
+        batch_size: Most prompts per forward pass.
+        progress: Show a progress bar.
+
+    Returns:
+        A SweepResult with a ``layer`` axis; ``meta`` holds the resolved components, the mode,
+        the window and the layers restored at each point (``"restored_layers"``).
+
+    Raises:
+        ConfigError: An unknown mode, or a window other than 1 outside ``mode="window"``.
+        ComponentError: An unknown component or one the architecture lacks.
+        LayerError: A layer out of range, or a window that is not a positive odd number.
+        IncompatibleModelsError: The models differ in architecture, tokenizer or a parameter's
+            shape.
+        PromptError: Bad prompts.
+        MetricError: An unknown metric, or one that returns the wrong shape.
+    """
+    if mode not in _MODES:
+        raise ConfigError(f"mode must be one of {', '.join(_MODES)}; got {mode!r}")
+    window = check_window(window)
+    if mode != "window" and window != 1:
+        raise ConfigError(
+            f"window={window} applies to mode='window' only; mode={mode!r} takes window=1"
+        )
+    names = resolve_components(unlearned, components)
+    centres = check_layers(unlearned, layers)
+    bound = resolve_metric(metric)
+    ps = prepare(base, unlearned, prompts)
+    n_layers = unlearned.cfg.n_layers
+    windows = [_restored_layers(mode, c, window, n_layers) for c in centres]
+    # Every check (models, shapes) once, before any work; each run then swaps its own subset.
+    union = sorted({layer for w in windows for layer in w})
+    pairs = _pairs(unlearned, base, union, names)
+
+    def factory(restore_layers: list[int]) -> Callable[[], Restoration]:
+        wanted = set(select_parameters(unlearned, restore_layers, names))
+        subset = [pair for pair in pairs if pair[0] in wanted]
+        return lambda: Restoration(subset)
+
+    variants = [
+        Variant(
+            context=factory(w),
+            start_layer=_start_layer(names, w, n_layers),
+            mlp_out_only=set(names) <= {"mlp.W_out", "mlp.b_out"},
+        )
+        for w in windows
+    ]
+    scores = run_variants(
+        base,
+        unlearned,
+        ps,
+        variants,
+        bound,
+        batch_size=batch_size,
+        progress=progress,
+        desc=f"restore {'+'.join(names)}",
+    )
+    meta = {
+        "kind": "restore",
+        "components": names,
+        "mode": mode,
+        "window": window,
+        "restored_layers": windows,
+        "source": base.cfg.model_name,
+        "target": unlearned.cfg.model_name,
+    }
+    return sweep_result(scores, bound, {"layer": list(centres)}, meta)
