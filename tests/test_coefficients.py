@@ -12,11 +12,13 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from conftest import PAIRS, build_model, perturbed, tiny_config
 from unlearnlens.coefficients import (
-    CoefficientComparison,
     coefficient_positions,
-    compare_coefficients,
     mlp_coefficient_stats,
     mlp_coefficients,
+)
+from unlearnlens.comparison import (
+    CoefficientComparison,
+    compare_coefficients,
     neuron_logit_contributions,
 )
 from unlearnlens.errors import ConfigError, IncompatibleModelsError, LayerError, PromptError

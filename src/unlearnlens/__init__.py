@@ -2,12 +2,14 @@
 
 from unlearnlens import metrics
 from unlearnlens.coefficients import (
-    CoefficientComparison,
     CoefficientStats,
     coefficient_positions,
-    compare_coefficients,
     mlp_coefficient_stats,
     mlp_coefficients,
+)
+from unlearnlens.comparison import (
+    CoefficientComparison,
+    compare_coefficients,
     neuron_logit_contributions,
 )
 from unlearnlens.concepts import (

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from unlearnlens._checks import check_layers, resolve_hooks
 from unlearnlens._guard import preserved
-from unlearnlens.coefficients import _batches, capture
+from unlearnlens.coefficients import capture, prompt_batches
 from unlearnlens.errors import MetricError, PromptError
 from unlearnlens.metrics import MetricLike, answer_logprob, resolve_metric
 from unlearnlens.prompts import Prompts, PromptSet, as_promptset
@@ -53,7 +53,7 @@ def _lens(
     names = ["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.hook_resid_post" for layer in range(n)]
     logp, rank, acc = [], [], []
     with preserved(model):
-        for _, chunk in _batches(ps, batch_size, progress, "logit lens"):
+        for _, chunk in prompt_batches(ps, batch_size, progress, "logit lens"):
             acts = capture(model, chunk, names, chunk.target_positions, stop_at_layer=n)
             mask = chunk.answer_mask.to(model.cfg.device)
             toks = chunk.answer_tokens.to(model.cfg.device)
@@ -318,7 +318,7 @@ def attribution_patch(
     with preserved(source, target, no_grad=False):
         for p in target.parameters():
             p.requires_grad_(False)
-        for rows, chunk in _batches(ps, batch_size, progress, "attribution patching"):
+        for rows, chunk in prompt_batches(ps, batch_size, progress, "attribution patching"):
             n = int(chunk.last_target_position.max()) + 1
             with torch.no_grad():
                 src_acts, src_logits = _full_acts(source, chunk, names, n, leaf=False)
