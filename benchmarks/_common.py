@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -38,14 +39,30 @@ def prompts(n: int = 8, prompt_len: int = 18, answer_len: int = 2, seed: int = 0
     return ul.PromptSet.from_tokens(ptoks, atoks)
 
 
-def best_of(fn: Callable[[], object], repeats: int = 3) -> tuple[float, object]:
-    """Best wall time of ``repeats`` runs (and the last result)."""
-    best, out = float("inf"), None
+@dataclass
+class Timing:
+    """Best wall-clock and process CPU seconds over repeated runs.
+
+    On a shared machine the wall clock also counts time spent waiting for a core; the CPU time
+    of this process does not, so both are reported and the ratios of both are printed.
+    """
+
+    wall: float = float("inf")
+    cpu: float = float("inf")
+
+    def ratio(self, faster: "Timing") -> str:
+        return f"{self.wall / faster.wall:.2f}x wall, {self.cpu / faster.cpu:.2f}x CPU"
+
+
+def best_of(fn: Callable[[], object], repeats: int = 3) -> tuple[Timing, object]:
+    """Best wall and CPU times of ``repeats`` runs (and the last result)."""
+    timing, out = Timing(), None
     for _ in range(repeats):
-        t = time.perf_counter()
+        w, c = time.perf_counter(), time.process_time()
         out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+        timing.wall = min(timing.wall, time.perf_counter() - w)
+        timing.cpu = min(timing.cpu, time.process_time() - c)
+    return timing, out
 
 
 def peak_rss_mib() -> float:

@@ -30,7 +30,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import gpt2_small_pair, prompts
+from _common import Timing, best_of, gpt2_small_pair, prompts
 
 from unlearnlens.metrics import krs
 from unlearnlens.restoration import restore_sweep
@@ -65,15 +65,11 @@ class PeakRSS:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
-def measure(fn: Callable[[], object], repeats: int) -> tuple[float, int, object]:
-    """Best wall time over ``repeats`` runs, peak RSS over all of them, and the last result."""
-    best, out = float("inf"), None
+def measure(fn: Callable[[], object], repeats: int) -> tuple[Timing, int, object]:
+    """Best wall and CPU times over ``repeats`` runs, peak RSS over all of them, the last result."""
     with PeakRSS() as rss:
-        for _ in range(repeats):
-            t = time.perf_counter()
-            out = fn()
-            best = min(best, time.perf_counter() - t)
-    return best, rss.peak, out
+        timing, out = best_of(fn, repeats)
+    return timing, rss.peak, out
 
 
 def nbytes(tensors: object) -> int:
@@ -123,7 +119,7 @@ def main(repeats: int = 1) -> dict[str, float]:
     t_plain, peak_plain, ref = measure(straightforward, repeats)
 
     diff = float((ref - res.scores).abs().max())
-    ratio = t_plain / t_ours
+    ratio = t_plain.wall / t_ours.wall
     extra_ours = (peak_ours - start_rss) / MIB
     extra_plain = (peak_plain - start_rss) / MIB
     print(
@@ -132,7 +128,7 @@ def main(repeats: int = 1) -> dict[str, float]:
     )
     print(
         f"study sweep (mlp.W_out, window {WINDOW}, {n} layers, KRS): straightforward "
-        f"{t_plain:.2f}s, unlearnlens {t_ours:.2f}s -> {ratio:.2f}x faster "
+        f"{t_plain.wall:.2f}s, unlearnlens {t_ours.wall:.2f}s -> {t_plain.ratio(t_ours)} faster "
         f"(max |diff| {diff:.1e})"
     )
     print(f"KRS per window centre: {[round(v, 4) for v in res.scores.tolist()]}")
@@ -147,8 +143,9 @@ def main(repeats: int = 1) -> dict[str, float]:
     return {
         "ratio": ratio,
         "max_abs_diff": diff,
-        "ours_s": t_ours,
-        "straightforward_s": t_plain,
+        "cpu_ratio": t_plain.cpu / t_ours.cpu,
+        "ours_s": t_ours.wall,
+        "straightforward_s": t_plain.wall,
         "ours_extra_mib": extra_ours,
         "straightforward_extra_mib": extra_plain,
         "window_mib": window_bytes / MIB,

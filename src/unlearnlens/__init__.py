@@ -1,6 +1,6 @@
 """unlearnlens: has an unlearned language model forgotten, or does it only hide what it knows?"""
 
-from unlearnlens import metrics
+from unlearnlens import metrics, toy, trainers
 from unlearnlens.coefficients import (
     CoefficientStats,
     coefficient_positions,
@@ -22,7 +22,15 @@ from unlearnlens.concepts import (
 from unlearnlens.conceptvectors import Concept, load_conceptvectors
 from unlearnlens.errors import (
     CheckpointError,
+    ComponentError,
+    ConfigError,
+    HookError,
     IncompatibleModelsError,
+    LayerError,
+    MetricError,
+    NonFiniteLossError,
+    PromptError,
+    UnknownMethodError,
     UnlearnLensError,
     UnsupportedArchitectureError,
 )
@@ -38,8 +46,44 @@ from unlearnlens.patching import patch, patch_attention, patch_mlp_coefficients,
 from unlearnlens.prompts import PromptSet, format_question
 from unlearnlens.restoration import Restoration, restore_, restore_sweep, restored
 from unlearnlens.results import SweepResult
+from unlearnlens.trainers import (
+    MethodConfig,
+    MethodLoss,
+    ParamSelection,
+    RelearnRun,
+    UnlearningMethod,
+    UnlearnRun,
+    available_methods,
+    register_method,
+    relearn,
+    select_parameters,
+    unlearn,
+    unregister_method,
+)
 
 __all__ = [
+    "ComponentError",
+    "ConfigError",
+    "HookError",
+    "LayerError",
+    "MethodConfig",
+    "MethodLoss",
+    "MetricError",
+    "NonFiniteLossError",
+    "ParamSelection",
+    "PromptError",
+    "RelearnRun",
+    "UnknownMethodError",
+    "UnlearnRun",
+    "UnlearningMethod",
+    "available_methods",
+    "register_method",
+    "relearn",
+    "select_parameters",
+    "toy",
+    "trainers",
+    "unlearn",
+    "unregister_method",
     "Restoration",
     "restore_",
     "restore_sweep",

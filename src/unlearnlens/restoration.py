@@ -13,7 +13,7 @@ it is retrieved.
   the top or from the bottom) on :mod:`unlearnlens.runner`, starting each run from the target's
   cached residual stream at the lowest restored layer.
 
-Components are named as :mod:`unlearnlens.trainers.params` names them: TransformerLens's
+Components are named as :mod:`unlearnlens.components` names them: TransformerLens's
 block-relative parameter names (``mlp.W_out``, ``attn.W_Q``, ``ln2.w``, ...), the groups
 ``mlp``, ``attn``, ``ln``, ``block``, and the top-level parts ``embed``, ``pos_embed``,
 ``unembed``, ``ln_final``.
@@ -36,7 +36,7 @@ from unlearnlens.patching import prepare, sweep_result
 from unlearnlens.prompts import Prompts
 from unlearnlens.results import SweepResult
 from unlearnlens.runner import Variant, run_variants
-from unlearnlens.trainers.params import TOP_LEVEL, resolve_components, select_parameters
+from unlearnlens.components import TOP_LEVEL, resolve_components, select_parameters
 
 __all__ = ["Restoration", "restore_", "restore_sweep", "restored"]
 
