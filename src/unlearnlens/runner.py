@@ -278,20 +278,27 @@ def _clean_runs(
 
 
 def _prefix_cache(
-    kv: TransformerLensKeyValueCache, first_pos: int, copies: int, cfg: object
+    kv: TransformerLensKeyValueCache, first_pos: int, copies: int, layers: range
 ) -> TransformerLensKeyValueCache:
-    """A frozen cache holding the target's keys/values for positions ``< first_pos``, repeated."""
-    entries = [
-        TransformerLensKeyValueCacheEntry(
-            past_keys=e.past_keys[:, :first_pos].repeat(copies, 1, 1, 1),
-            past_values=e.past_values[:, :first_pos].repeat(copies, 1, 1, 1),
+    """A frozen cache of the target's keys/values for positions ``< first_pos``, repeated.
+
+    Only ``layers`` get real entries; a forward pass over other layers never reads theirs.
+    """
+    entries = {
+        i: TransformerLensKeyValueCacheEntry(
+            past_keys=kv.entries[i].past_keys[:, :first_pos].repeat(copies, 1, 1, 1),
+            past_values=kv.entries[i].past_values[:, :first_pos].repeat(copies, 1, 1, 1),
             frozen=True,
         )
-        for e in kv.entries
-    ]
-    rows = entries[0].past_keys.shape[0]
-    prev = torch.ones(rows, first_pos, dtype=torch.long, device=entries[0].past_keys.device)
-    return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=prev, frozen=True)
+        for i in layers
+    }
+    some = entries[layers[0]]
+    prev = torch.ones(some.past_keys.shape[0], first_pos, dtype=torch.long, device=some.past_keys.device)
+    return TransformerLensKeyValueCache(
+        entries=[entries.get(i, some) for i in range(len(kv.entries))],
+        previous_attention_mask=prev,
+        frozen=True,
+    )
 
 
 def _stack_hooks(
@@ -312,13 +319,51 @@ def _stack_hooks(
         src = clean.source_acts[name][:, first_pos:end]
 
         def hook(act: Tensor, hook: object, mask_vbs: Tensor = mask_vbs, src: Tensor = src) -> Tensor:
-            v, b = mask_vbs.shape[:2]
+            b = mask_vbs.shape[1]
+            v = act.shape[0] // b  # variants that have joined the stack by this layer
             act_v = act.view(v, b, *act.shape[1:])
-            m = mask_vbs.to(act.device).reshape(v, b, -1, *([1] * (act.ndim - 2)))
+            m = mask_vbs[:v].to(act.device).reshape(v, b, -1, *([1] * (act.ndim - 2)))
             return torch.where(m, src.to(act.device, act.dtype)[None], act_v).view(act.shape)
 
         hooks.append((name, hook))
     return hooks
+
+
+def _run_stack(
+    target: HookedTransformer,
+    group: Sequence[Variant],
+    chunk: PromptSet,
+    rows: slice,
+    clean: _Clean,
+    first_pos: int,
+    end: int,
+) -> Float[Tensor, "rows suffix d_model"]:
+    """Runs variants stacked along the batch, each joining at its own start layer.
+
+    ``group`` is sorted by start layer. Between two start layers the stack runs in one forward
+    pass; at a start layer the joining variants' rows (the target's cached residual there) are
+    appended, so no variant computes a layer before its start and passes stay large.
+    """
+    n_layers = target.cfg.n_layers
+    b = len(chunk)
+    starts = [_start_layer(v, n_layers) for v in group]
+    bounds = [*sorted(set(starts)), n_layers]
+    x: Tensor | None = None
+    with target.hooks(fwd_hooks=_stack_hooks(group, chunk, rows, clean, first_pos, end)):
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            new = clean.target_resid[lo][:, first_pos:end].repeat(starts.count(lo), 1, 1)
+            x = new if x is None else torch.cat([x, new.to(x.device)])
+            if lo == hi:
+                continue
+            if first_pos > 0:
+                assert clean.kv is not None
+                cache = _prefix_cache(clean.kv, first_pos, x.shape[0] // b, range(lo, hi))
+                mask = torch.ones(x.shape[0], end, dtype=torch.long, device=x.device)
+                x = target(x, start_at_layer=lo, stop_at_layer=hi, past_kv_cache=cache, attention_mask=mask)
+            else:
+                x = target(x, start_at_layer=lo, stop_at_layer=hi)
+    assert x is not None
+    return x
 
 
 def _run_group(
@@ -330,39 +375,27 @@ def _run_group(
     start: int,
     first_pos: int,
 ) -> Float[Tensor, "variant batch answer d_vocab"]:
-    """Runs stacked variants that share a start layer and first position; logits at targets."""
+    """Runs a group of variants that share a first position; logits at the target positions."""
     n_layers = target.cfg.n_layers
     n_var, b = len(group), len(chunk)
     end = int(chunk.last_target_position.max()) + 1
     ctx = group[0].context() if group[0].context is not None else nullcontext()
     with ctx:
-        hooks = _stack_hooks(group, chunk, rows, clean, first_pos, end)
-        with target.hooks(fwd_hooks=hooks):
-            if _mid_block_start(group[0], target.cfg):
-                mid, post = (t[:, first_pos:end] for t in clean.target_mid[start])
-                mlp = target.blocks[start].mlp
-                x = mid + torch.nn.functional.linear(post, mlp.W_out.T, mlp.b_out)
-                if start + 1 < n_layers:
-                    x = target(x, start_at_layer=start + 1, stop_at_layer=n_layers)
-                resid = x
-            elif start < 0:
+        if _mid_block_start(group[0], target.cfg):
+            mid, post = (t[:, first_pos:end] for t in clean.target_mid[start])
+            mlp = target.blocks[start].mlp
+            resid = mid + torch.nn.functional.linear(post, mlp.W_out.T, mlp.b_out)
+            if start + 1 < n_layers:
+                resid = target(resid, start_at_layer=start + 1, stop_at_layer=n_layers)
+        elif start < 0:
+            with target.hooks(fwd_hooks=_stack_hooks(group, chunk, rows, clean, 0, end)):
                 resid = target(
                     chunk.tokens[:, :end].to(target.cfg.device),
                     attention_mask=chunk.attention_mask[:, :end].to(target.cfg.device),
                     stop_at_layer=n_layers,
                 )
-            elif start >= n_layers:
-                resid = clean.target_resid[n_layers][:, first_pos:end].repeat(n_var, 1, 1)
-            else:
-                x = clean.target_resid[start][:, first_pos:end].repeat(n_var, 1, 1)
-                if first_pos > 0:
-                    assert clean.kv is not None
-                    cache = _prefix_cache(clean.kv, first_pos, n_var, target.cfg)
-                    mask = torch.ones(n_var * b, end, dtype=torch.long, device=x.device)
-                    resid = target(x, start_at_layer=start, stop_at_layer=n_layers,
-                                   past_kv_cache=cache, attention_mask=mask)
-                else:
-                    resid = target(x, start_at_layer=start, stop_at_layer=n_layers)
+        else:
+            resid = _run_stack(target, group, chunk, rows, clean, first_pos, end)
         resid_vbsd = resid.view(n_var, b, *resid.shape[1:])
         logits = torch.stack([logits_from_residual(target, r, chunk, offset=first_pos) for r in resid_vbsd])
     if first_pos > 0:  # targets before the first changed position keep the clean logits
@@ -374,18 +407,24 @@ def _run_group(
 def _groups(
     variants: Sequence[Variant], chunk: PromptSet, rows: slice, n_layers: int, max_rows: int
 ) -> Iterator[tuple[list[int], int, int]]:
-    """Variant indices grouped by (start layer, first position), in stacks of at most max_rows."""
-    keyed: dict[tuple[int, int], list[int]] = {}
+    """Variant indices to run together: ``(indices, lowest start layer, first position)``.
+
+    Patch-only variants that share a first position are stacked (sorted by start layer), at
+    most ``max_rows`` rows at a time; a variant with a context (changed weights) runs alone.
+    """
+    keyed: dict[int, list[int]] = {}
     for i, v in enumerate(variants):
-        key = (_start_layer(v, n_layers), _first_position(v, chunk, rows))
+        first = _first_position(v, chunk, rows)
         if v.context is not None or v.mlp_out_only:
-            yield [i], key[0], key[1]
+            yield [i], _start_layer(v, n_layers), first
         else:
-            keyed.setdefault(key, []).append(i)
+            keyed.setdefault(first, []).append(i)
     per_pass = max(1, max_rows // len(chunk))
-    for (start, first), idx in keyed.items():
+    for first, idx in keyed.items():
+        idx = sorted(idx, key=lambda i: _start_layer(variants[i], n_layers))
         for k in range(0, len(idx), per_pass):
-            yield idx[k : k + per_pass], start, first
+            stack = idx[k : k + per_pass]
+            yield stack, _start_layer(variants[stack[0]], n_layers), first
 
 
 def default_batch_size(prompts: PromptSet) -> int:
