@@ -13,11 +13,22 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 import unlearnlens as ul
 
 
-def gpt2_small_pair(seed: int = 0, noise: float = 0.02) -> tuple[HookedTransformer, HookedTransformer]:
-    """A GPT-2-small-shaped random model (12 layers, d_model 768, d_vocab 50257) and a perturbed copy."""
+def gpt2_small_pair(
+    seed: int = 0, noise: float = 0.02
+) -> tuple[HookedTransformer, HookedTransformer]:
+    """A GPT-2-small-shaped random model (12 layers, d_model 768) and a perturbed copy."""
     cfg = HookedTransformerConfig(
-        n_layers=12, d_model=768, d_head=64, n_heads=12, d_mlp=3072, d_vocab=50257, n_ctx=1024,
-        act_fn="gelu_new", normalization_type="LN", seed=seed, device="cpu",
+        n_layers=12,
+        d_model=768,
+        d_head=64,
+        n_heads=12,
+        d_mlp=3072,
+        d_vocab=50257,
+        n_ctx=1024,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        seed=seed,
+        device="cpu",
     )
     base = HookedTransformer(cfg)
     base.eval()
@@ -29,7 +40,9 @@ def gpt2_small_pair(seed: int = 0, noise: float = 0.02) -> tuple[HookedTransform
     return base, other
 
 
-def prompts(n: int = 8, prompt_len: int = 18, answer_len: int = 2, seed: int = 0, equal: bool = True) -> ul.PromptSet:
+def prompts(
+    n: int = 8, prompt_len: int = 18, answer_len: int = 2, seed: int = 0, equal: bool = True
+) -> ul.PromptSet:
     """n random prompts of about 20 tokens (equal lengths unless equal=False)."""
     gen = torch.Generator().manual_seed(seed)
     p_lens = [prompt_len] * n if equal else [prompt_len - 3 + (i % 5) for i in range(n)]

@@ -15,9 +15,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import bench_patching  # noqa: E402
-import bench_restoration  # noqa: E402
-import bench_unlearn  # noqa: E402
+import bench_patching
+import bench_restoration
+import bench_unlearn
 
 
 def main() -> None:
@@ -26,8 +26,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}\n")
-    for name, module in [("patching", bench_patching), ("restoration", bench_restoration),
-                         ("unlearn", bench_unlearn)]:
+    for name, module in [
+        ("patching", bench_patching),
+        ("restoration", bench_restoration),
+        ("unlearn", bench_unlearn),
+    ]:
         print(f"== {name}")
         sys.argv = [module.__file__]  # each benchmark's own defaults
         module.main()

@@ -43,21 +43,46 @@ def make_word_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_config(arch: str, d_vocab: int, dtype: torch.dtype = torch.float32) -> HookedTransformerConfig:
-    common = dict(n_layers=4, d_model=32, d_head=8, n_heads=4, n_ctx=64, d_vocab=d_vocab, dtype=dtype,
-                  seed=0, device="cpu")
+def tiny_config(
+    arch: str, d_vocab: int, dtype: torch.dtype = torch.float32
+) -> HookedTransformerConfig:
+    common = dict(
+        n_layers=4,
+        d_model=32,
+        d_head=8,
+        n_heads=4,
+        n_ctx=64,
+        d_vocab=d_vocab,
+        dtype=dtype,
+        seed=0,
+        device="cpu",
+    )
     if arch == "gpt2":
-        return HookedTransformerConfig(d_mlp=64, act_fn="gelu_new", normalization_type="LN",
-                                       positional_embedding_type="standard", **common)
+        return HookedTransformerConfig(
+            d_mlp=64,
+            act_fn="gelu_new",
+            normalization_type="LN",
+            positional_embedding_type="standard",
+            **common,
+        )
     if arch == "llama":
-        return HookedTransformerConfig(d_mlp=48, act_fn="silu", normalization_type="RMS",
-                                       positional_embedding_type="rotary", rotary_dim=8,
-                                       gated_mlp=True, n_key_value_heads=2, final_rms=True,
-                                       **common)
+        return HookedTransformerConfig(
+            d_mlp=48,
+            act_fn="silu",
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            rotary_dim=8,
+            gated_mlp=True,
+            n_key_value_heads=2,
+            final_rms=True,
+            **common,
+        )
     raise ValueError(arch)
 
 
-def build_model(arch: str, seed: int, dtype: torch.dtype = torch.float32, tokenizer=True) -> HookedTransformer:
+def build_model(
+    arch: str, seed: int, dtype: torch.dtype = torch.float32, tokenizer=True
+) -> HookedTransformer:
     """A tiny random model; weights drawn from ``seed`` so that two seeds differ everywhere."""
     tok = make_word_tokenizer() if tokenizer else None
     cfg = tiny_config(arch, d_vocab=len(tok) if tok else 50, dtype=torch.float32)

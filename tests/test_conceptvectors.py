@@ -8,7 +8,9 @@ from unlearnlens.conceptvectors import ConceptDataError
 
 def _entry(name, **extra):
     return {
-        "Concept": name, "Layer": 3, "Dim": 17,
+        "Concept": name,
+        "Layer": 3,
+        "Dim": 17,
         "QA": ["Who wrote it?", "Where is it set?"],
         "text_completion": [{"First_half": "Harry met", "Second_half": " Ron"}],
         "unrelated_QA": ["What is the capital of France?"],

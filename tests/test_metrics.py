@@ -67,8 +67,12 @@ def test_krs_by_formula(case):
         num = ((z_s[i, :m] - logits[i, :m]) ** 2).mean()
         den = ((z_s[i, :m] - z_t[i, :m]) ** 2).mean()
         assert float(got[i]) == pytest.approx(float(1 - num / den), abs=1e-6)
-    assert torch.allclose(ul.metrics.krs(z_t, ps, source_logits=z_s, target_logits=z_t), torch.zeros(3))
-    assert torch.allclose(ul.metrics.krs(z_s, ps, source_logits=z_s, target_logits=z_t), torch.ones(3))
+    assert torch.allclose(
+        ul.metrics.krs(z_t, ps, source_logits=z_s, target_logits=z_t), torch.zeros(3)
+    )
+    assert torch.allclose(
+        ul.metrics.krs(z_s, ps, source_logits=z_s, target_logits=z_t), torch.ones(3)
+    )
 
 
 def test_krs_leaves_out_prompts_where_models_agree(case):

@@ -7,11 +7,17 @@ import copy
 
 import pytest
 import torch
-from conftest import PAIRS, build_model, perturbed
 from transformer_lens import patching as tl_patching
 
 import unlearnlens as ul
-from unlearnlens.errors import HookError, IncompatibleModelsError, LayerError, MetricError, PromptError
+from conftest import PAIRS, build_model, perturbed
+from unlearnlens.errors import (
+    HookError,
+    IncompatibleModelsError,
+    LayerError,
+    MetricError,
+    PromptError,
+)
 
 EQUAL_PAIRS = [
     ("the capital of France", " Paris Rome"),
@@ -68,8 +74,9 @@ def test_each_position_matches_transformer_lens(model_pair, hook, tl_fn):
     with torch.no_grad():
         _, base_cache = base.run_with_cache(ps.tokens)
         expected = tl_fn(unlearned, ps.tokens, base_cache, _logprob_metric(ps))
-    got = ul.patch(base, unlearned, ps, hooks=hook, positions="each", metric="answer_logprob",
-                   progress=False)
+    got = ul.patch(
+        base, unlearned, ps, hooks=hook, positions="each", metric="answer_logprob", progress=False
+    )
     assert got.dims == ("layer", "pos")
     assert got.scores.shape == expected.shape
     assert (got.scores - expected).abs().max() <= 1e-5
@@ -92,7 +99,11 @@ def _study_loop(base, unlearned, pairs, hooks, window):
             with torch.no_grad():
                 z_base, cache = base.run_with_cache(toks)
                 z_unl = unlearned(toks)
-                fwd = [(f"blocks.{l}.{h}", lambda act, hook: cache[hook.name]) for l in layers for h in hooks]
+                fwd = [
+                    (f"blocks.{layer}.{h}", lambda act, hook, cache=cache: cache[hook.name])
+                    for layer in layers
+                    for h in hooks
+                ]
                 z_x = unlearned.run_with_hooks(toks, fwd_hooks=fwd)
             sl = slice(n - 1, n + m - 1)
             zb, zu, zx = (z[0, sl].float() for z in (z_base, z_unl, z_x))
@@ -122,17 +133,27 @@ def test_chunked_batches_give_the_same_scores(model_pair):
     whole = ul.patch_attention(base, unlearned, ps, window=3, progress=False)
     chunked = ul.patch_attention(base, unlearned, ps, window=3, batch_size=1, progress=False)
     assert (whole.scores - chunked.scores).abs().max() <= 1e-5
-    each = ul.patch_residual(base, unlearned, ps, positions="each", metric="answer_logprob", progress=False)
-    each_chunked = ul.patch_residual(base, unlearned, ps, positions="each", metric="answer_logprob",
-                                     batch_size=3, progress=False)
+    each = ul.patch_residual(
+        base, unlearned, ps, positions="each", metric="answer_logprob", progress=False
+    )
+    each_chunked = ul.patch_residual(
+        base, unlearned, ps, positions="each", metric="answer_logprob", batch_size=3, progress=False
+    )
     assert (each.scores - each_chunked.scores).abs().max() <= 1e-5
 
 
 def test_patching_a_model_with_itself_gives_the_baseline(arch):
     model = build_model(arch, seed=3)
     for positions in ["all", "last", "each"]:
-        res = ul.patch(model, model, PAIRS, hooks=["mlp.hook_post", "hook_attn_out"], positions=positions,
-                       metric="answer_logprob", progress=False)
+        res = ul.patch(
+            model,
+            model,
+            PAIRS,
+            hooks=["mlp.hook_post", "hook_attn_out"],
+            positions=positions,
+            metric="answer_logprob",
+            progress=False,
+        )
         assert (res.scores - res.baseline).abs().max() <= 1e-5
         assert res.baseline == pytest.approx(res.reference, abs=1e-6)
 
@@ -147,8 +168,12 @@ def test_resid_pre_layer0_recovers_source_when_models_differ_only_in_embedding(a
     # and at the other end: the last block's output carries everything when the models share
     # only the final norm and unembedding
     other = perturbed(base, 0.2, seed=5)
-    other.load_state_dict({**other.state_dict(), **{k: v for k, v in base.state_dict().items()
-                                                    if k.startswith(("unembed", "ln_final"))}})
+    other.load_state_dict(
+        {
+            **other.state_dict(),
+            **{k: v for k, v in base.state_dict().items() if k.startswith(("unembed", "ln_final"))},
+        }
+    )
     last = base.cfg.n_layers - 1
     res = ul.patch_residual(base, other, PAIRS, hook="resid_post", layers=[last], progress=False)
     assert res.scores[0] == pytest.approx(1.0, abs=1e-5)
@@ -163,23 +188,35 @@ def test_window_one_equals_a_single_layer_hook(model_pair):
         _, cache = base.run_with_cache(ps.tokens, attention_mask=ps.attention_mask)
         for layer in range(base.cfg.n_layers):
             name = f"blocks.{layer}.hook_attn_out"
-            logits = unlearned.run_with_hooks(ps.tokens, attention_mask=ps.attention_mask,
-                                              fwd_hooks=[(name, lambda act, hook: cache[hook.name])])
+            logits = unlearned.run_with_hooks(
+                ps.tokens,
+                attention_mask=ps.attention_mask,
+                fwd_hooks=[(name, lambda act, hook: cache[hook.name])],
+            )
             assert res.scores[layer] == pytest.approx(float(metric(logits)), abs=1e-5)
 
 
 def test_positions_after_the_last_target_change_nothing(model_pair):
     base, unlearned = model_pair
     ps = ul.PromptSet.from_pairs(base, PAIRS)
-    res = ul.patch_residual(base, unlearned, ps, positions="each", metric="answer_logprob", progress=False)
+    res = ul.patch_residual(
+        base, unlearned, ps, positions="each", metric="answer_logprob", progress=False
+    )
     first_unused = int(ps.last_target_position.max()) + 1
     assert first_unused < ps.seq_len
     tail = res.scores[:, first_unused:]
     assert torch.allclose(tail, torch.full_like(tail, res.baseline), atol=1e-6)
     # per prompt: positions past that prompt's own last target leave it at its baseline
     pp = res.per_prompt
-    base_pp = ul.patch(unlearned, unlearned, ps, hooks="hook_resid_pre", layers=[0],
-                       metric="answer_logprob", progress=False).per_prompt[0]
+    base_pp = ul.patch(
+        unlearned,
+        unlearned,
+        ps,
+        hooks="hook_resid_pre",
+        layers=[0],
+        metric="answer_logprob",
+        progress=False,
+    ).per_prompt[0]
     for i in range(len(ps)):
         after = int(ps.last_target_position[i]) + 1
         assert torch.allclose(pp[:, after:, i], base_pp[i].expand_as(pp[:, after:, i]), atol=1e-5)
@@ -190,8 +227,16 @@ def test_position_subsets_match_a_hand_hook(model_pair, positions):
     base, unlearned = model_pair
     ps = ul.PromptSet.from_pairs(base, PAIRS)
     layer = 1
-    res = ul.patch(base, unlearned, ps, hooks="mlp.hook_post", layers=[layer], positions=positions,
-                   metric="answer_logprob", progress=False)
+    res = ul.patch(
+        base,
+        unlearned,
+        ps,
+        hooks="mlp.hook_post",
+        layers=[layer],
+        positions=positions,
+        metric="answer_logprob",
+        progress=False,
+    )
     mask = ps.position_mask(positions)
     with torch.no_grad():
         _, cache = base.run_with_cache(ps.tokens, attention_mask=ps.attention_mask)
@@ -200,7 +245,9 @@ def test_position_subsets_match_a_hand_hook(model_pair, positions):
         def hook(act, hook):
             return torch.where(mask[..., None], cache[name], act)
 
-        logits = unlearned.run_with_hooks(ps.tokens, attention_mask=ps.attention_mask, fwd_hooks=[(name, hook)])
+        logits = unlearned.run_with_hooks(
+            ps.tokens, attention_mask=ps.attention_mask, fwd_hooks=[(name, hook)]
+        )
     assert res.scores[0] == pytest.approx(float(_logprob_metric(ps)(logits)), abs=1e-5)
 
 
@@ -210,7 +257,9 @@ def test_bfloat16_models_score_in_float32(arch):
     res = ul.patch_mlp_coefficients(base, unlearned, PAIRS, window=3, progress=False)
     assert res.scores.dtype == torch.float32
     assert torch.isfinite(res.scores).all()
-    assert res.baseline == pytest.approx(0.0, abs=1e-6) and res.reference == pytest.approx(1.0, abs=1e-6)
+    assert res.baseline == pytest.approx(0.0, abs=1e-6) and res.reference == pytest.approx(
+        1.0, abs=1e-6
+    )
     # the same sweep in float32 on the same (upcast) weights agrees roughly
     base32, unl32 = copy.deepcopy(base).float(), copy.deepcopy(unlearned).float()
     res32 = ul.patch_mlp_coefficients(base32, unl32, PAIRS, window=3, progress=False)
@@ -232,8 +281,15 @@ def test_models_come_back_unchanged_when_the_metric_raises(model_pair, interrupt
         return logits[:, 0, 0]
 
     with pytest.raises(interrupt):
-        ul.patch(base, unlearned, PAIRS, hooks=["mlp.hook_post", "hook_attn_out"], positions="each",
-                 metric=exploding, progress=False)
+        ul.patch(
+            base,
+            unlearned,
+            PAIRS,
+            hooks=["mlp.hook_post", "hook_attn_out"],
+            positions="each",
+            metric=exploding,
+            progress=False,
+        )
     assert calls["n"] == 5
     _assert_unchanged(base, snaps[0])
     _assert_unchanged(unlearned, snaps[1])
@@ -257,7 +313,7 @@ def test_bad_input_is_rejected_before_any_work(model_pair):
         calls.append(1)
         return logits[:, 0, 0]
 
-    with pytest.raises(HookError, match="valid hooks: .*mlp.hook_post"):
+    with pytest.raises(HookError, match=r"valid hooks: .*mlp\.hook_post"):
         ul.patch(base, unlearned, PAIRS, hooks="mlp.hook_nonsense", metric=counting)
     with pytest.raises(LayerError, match="layer 9 is out of range"):
         ul.patch(base, unlearned, PAIRS, hooks="hook_attn_out", layers=[0, 9], metric=counting)

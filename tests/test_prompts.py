@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PAIRS, build_model
 
 import unlearnlens as ul
+from conftest import PAIRS, build_model
 from unlearnlens.errors import PromptError
 
 
@@ -16,8 +16,9 @@ def model():
 
 
 def test_from_tokens_positions_by_hand():
-    ps = ul.PromptSet.from_tokens([[1, 5, 6], [1, 7], [9, 8, 7, 6]], [[10, 11], [12], [13, 14, 15]],
-                                  pad_token_id=0)
+    ps = ul.PromptSet.from_tokens(
+        [[1, 5, 6], [1, 7], [9, 8, 7, 6]], [[10, 11], [12], [13, 14, 15]], pad_token_id=0
+    )
     assert ps.tokens.tolist() == [
         [1, 5, 6, 10, 11, 0, 0],
         [1, 7, 12, 0, 0, 0, 0],
@@ -29,7 +30,11 @@ def test_from_tokens_positions_by_hand():
         [1, 1, 1, 1, 1, 1, 1],
     ]
     # prompt of n tokens, answer of m: targets n-1 .. n+m-2 (padded slots masked)
-    assert ps.answer_mask.tolist() == [[True, True, False], [True, False, False], [True, True, True]]
+    assert ps.answer_mask.tolist() == [
+        [True, True, False],
+        [True, False, False],
+        [True, True, True],
+    ]
     assert ps.target_positions[ps.answer_mask].tolist() == [2, 3, 1, 3, 4, 5]
     assert ps.answer_tokens[ps.answer_mask].tolist() == [10, 11, 12, 13, 14, 15]
     assert ps.last_target_position.tolist() == [3, 1, 5]
@@ -102,7 +107,10 @@ def test_from_model_answers_uses_greedy_continuation(model):
 
 
 def test_format_question():
-    assert ul.format_question("Where was Zorblax born?") == "Question: Where was Zorblax born?\n Answer:"
+    assert (
+        ul.format_question("Where was Zorblax born?")
+        == "Question: Where was Zorblax born?\n Answer:"
+    )
 
 
 def test_bad_input(model):

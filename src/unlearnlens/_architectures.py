@@ -27,7 +27,13 @@ from transformer_lens.pretrained.weight_conversions import (
 
 from unlearnlens.errors import UnsupportedArchitectureError
 
-__all__ = ["ARCHITECTURES", "DEFAULT_MAX_CTX", "SUPPORTED_ARCHITECTURES", "architecture_name", "unsupported"]
+__all__ = [
+    "ARCHITECTURES",
+    "DEFAULT_MAX_CTX",
+    "SUPPORTED_ARCHITECTURES",
+    "architecture_name",
+    "unsupported",
+]
 
 # A mask buffer of n_ctx x n_ctx booleans is allocated per layer, so a checkpoint's nominal
 # context (131072 for recent LLaMA / Mistral configs) is capped unless the caller asks for more.

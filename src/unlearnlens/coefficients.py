@@ -7,7 +7,8 @@ coefficients at ``blocks.{l}.mlp.hook_post`` (for gated MLPs ``act(gate(x)) * up
 the input of LLaMA's ``down_proj``).
 
 The reference study finds that fine-tuning unlearning changes the coefficients of the last
-layers far more than the value vectors. :func:`unlearnlens.comparison.compare_coefficients` makes that
+layers far more than the value vectors.
+:func:`unlearnlens.comparison.compare_coefficients` makes that
 checkable neuron by neuron.
 """
 

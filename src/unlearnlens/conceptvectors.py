@@ -60,7 +60,9 @@ def _questions(raw: Any, field: str, where: str) -> tuple[str, ...]:
     if isinstance(raw, str):
         return (raw,)
     if not isinstance(raw, list):
-        raise ConceptDataError(f"{where}: {field!r} must be a list of questions, got {type(raw).__name__}")
+        raise ConceptDataError(
+            f"{where}: {field!r} must be a list of questions, got {type(raw).__name__}"
+        )
     out = []
     for q in raw:
         if isinstance(q, dict):  # some files store {"question": ...}
@@ -75,12 +77,15 @@ def _completions(raw: Any, where: str) -> tuple[tuple[str, str], ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        raise ConceptDataError(f"{where}: 'text_completion' must be a list, got {type(raw).__name__}")
+        raise ConceptDataError(
+            f"{where}: 'text_completion' must be a list, got {type(raw).__name__}"
+        )
     out = []
     for item in raw:
         if not isinstance(item, dict) or "First_half" not in item or "Second_half" not in item:
             raise ConceptDataError(
-                f"{where}: each 'text_completion' item needs 'First_half' and 'Second_half'; got {item!r}"
+                f"{where}: each 'text_completion' item needs 'First_half' and 'Second_half'; "
+                f"got {item!r}"
             )
         out.append((str(item["First_half"]), str(item["Second_half"])))
     return tuple(out)
@@ -97,7 +102,9 @@ def _entry(raw: Any, index: int) -> Concept:
     try:
         layer, dim = int(raw["Layer"]), int(raw["Dim"])
     except (TypeError, ValueError):
-        raise ConceptDataError(f"{where}: Layer and Dim must be integers, got {raw['Layer']!r}, {raw['Dim']!r}") from None
+        raise ConceptDataError(
+            f"{where}: Layer and Dim must be integers, got {raw['Layer']!r}, {raw['Dim']!r}"
+        ) from None
     wiki = raw.get("wikipedia_content", "")
     if isinstance(wiki, list):
         wiki = "\n".join(str(w) for w in wiki)

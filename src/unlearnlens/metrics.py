@@ -62,10 +62,13 @@ class Metric(Protocol):
 
     def __call__(
         self, logits: Float[Tensor, "batch answer d_vocab"], prompts: PromptSet
-    ) -> Float[Tensor, " batch"]: ...
+    ) -> Float[Tensor, " batch"]:
+        """Scores each prompt from its target-position logits."""
+        ...
 
 
 MetricLike = Union[str, Metric, Callable[..., Tensor]]
+"""What ``metric=`` accepts: a name from :data:`METRICS` or a :class:`Metric` callable."""
 
 
 def answer_token_logprobs(
@@ -185,7 +188,7 @@ class BoundMetric:
     uses_references: bool = False
     normalized: bool = False
 
-    def __call__(
+    def __call__(  # noqa: D102  (scores, then checks the shape)
         self, logits: Tensor, prompts: PromptSet, source_logits: Tensor, target_logits: Tensor
     ) -> Float[Tensor, " batch"]:
         out = self.score(logits, prompts, source_logits, target_logits)
@@ -202,7 +205,10 @@ class BoundMetric:
         return out.float()
 
     def aggregate(
-        self, per_prompt: Float[Tensor, "... batch"], *, baseline: float | None = None,
+        self,
+        per_prompt: Float[Tensor, "... batch"],
+        *,
+        baseline: float | None = None,
         reference: float | None = None,
     ) -> Float[Tensor, "..."]:
         """Mean over prompts (NaN-skipping), then ``recovery``'s normalisation if it has one."""
@@ -218,7 +224,9 @@ class BoundMetric:
             mean = (mean - baseline) / (reference - baseline)
         return mean
 
-    def check_references(self, source_logits: Tensor, target_logits: Tensor, prompts: PromptSet) -> Tensor:
+    def check_references(
+        self, source_logits: Tensor, target_logits: Tensor, prompts: PromptSet
+    ) -> Tensor:
         """For KRS: the prompts left out (source = target); raises if that is all of them."""
         if not self.uses_references:
             return torch.zeros(len(prompts), dtype=torch.bool)

@@ -232,6 +232,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # TransformerLens leaves these tokenizers as they are (their checkpoints use no BOS token).
 _NO_BOS_RELOAD = ("OlmoForCausalLM", "OlmoeForCausalLM", "Olmo2ForCausalLM")
 
+
 def _has_tokenizer_files(directory: Path) -> bool:
     return any((directory / name).is_file() for name in _TOKENIZER_FILES)
 

@@ -32,9 +32,7 @@ Positions = Literal["all", "prompt", "last", "answer", "each"]
 _POSITIONS = ("all", "prompt", "last", "answer", "each")
 
 
-def prepare(
-    source: HookedTransformer, target: HookedTransformer, prompts: Prompts
-) -> PromptSet:
+def prepare(source: HookedTransformer, target: HookedTransformer, prompts: Prompts) -> PromptSet:
     """Checks that two models can be compared and turns ``prompts`` into a PromptSet for both."""
     from unlearnlens.models import check_compatible
 
@@ -144,8 +142,16 @@ def patch(
         mask = None if positions == "all" else ps.position_mask(positions)
         variants = [variant(c, mask) for c in centres]
 
-    scores = run_variants(source, target, ps, variants, bound, batch_size=batch_size,
-                          progress=progress, desc=f"patch {'+'.join(hook_names)}")
+    scores = run_variants(
+        source,
+        target,
+        ps,
+        variants,
+        bound,
+        batch_size=batch_size,
+        progress=progress,
+        desc=f"patch {'+'.join(hook_names)}",
+    )
     meta = {
         "kind": "patch",
         "hooks": hook_names,
@@ -193,8 +199,18 @@ def patch_residual(
     """
     if hook not in ("resid_pre", "resid_mid", "resid_post"):
         raise HookError(f"hook must be 'resid_pre', 'resid_mid' or 'resid_post'; got {hook!r}")
-    return patch(base, unlearned, prompts, hooks=f"hook_{hook}", layers=layers, window=window,
-                 positions=positions, metric=metric, batch_size=batch_size, progress=progress)
+    return patch(
+        base,
+        unlearned,
+        prompts,
+        hooks=f"hook_{hook}",
+        layers=layers,
+        window=window,
+        positions=positions,
+        metric=metric,
+        batch_size=batch_size,
+        progress=progress,
+    )
 
 
 def patch_mlp_coefficients(
@@ -216,8 +232,18 @@ def patch_mlp_coefficients(
     brings back most of the unlearned knowledge: the value vectors are intact, their
     retrieval changed. Arguments as in :func:`patch_residual`; the study uses ``window=5``.
     """
-    return patch(base, unlearned, prompts, hooks="mlp.hook_post", layers=layers, window=window,
-                 positions=positions, metric=metric, batch_size=batch_size, progress=progress)
+    return patch(
+        base,
+        unlearned,
+        prompts,
+        hooks="mlp.hook_post",
+        layers=layers,
+        window=window,
+        positions=positions,
+        metric=metric,
+        batch_size=batch_size,
+        progress=progress,
+    )
 
 
 def patch_attention(
@@ -237,5 +263,15 @@ def patch_attention(
     The study's second activation: attention outputs of middle-to-late layers also recover a
     great deal. Arguments as in :func:`patch_residual`.
     """
-    return patch(base, unlearned, prompts, hooks="hook_attn_out", layers=layers, window=window,
-                 positions=positions, metric=metric, batch_size=batch_size, progress=progress)
+    return patch(
+        base,
+        unlearned,
+        prompts,
+        hooks="hook_attn_out",
+        layers=layers,
+        window=window,
+        positions=positions,
+        metric=metric,
+        batch_size=batch_size,
+        progress=progress,
+    )

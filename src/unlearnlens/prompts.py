@@ -41,7 +41,7 @@ TokenSeq = Union[Sequence[int], Tensor]
 
 
 def format_question(question: str, template: str = QA_TEMPLATE) -> str:
-    """Puts a question into the study's prompt format (``"Question: {q}\\n Answer:"``)."""
+    r"""Puts a question into the study's prompt format (``"Question: {q}\\n Answer:"``)."""
     return template.format(question)
 
 
@@ -187,12 +187,18 @@ class PromptSet:
                 or len(pair) != 2
                 or not all(isinstance(s, str) for s in pair)
             ):
-                raise PromptError(f"pair {i} must be a (prompt, answer) tuple of strings, got {pair!r}")
+                raise PromptError(
+                    f"pair {i} must be a (prompt, answer) tuple of strings, got {pair!r}"
+                )
         bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
         p_ids, a_ids = [], []
         for i, (prompt, answer) in enumerate(pairs):
             p = model.to_tokens(prompt, prepend_bos=bos, truncate=False)[0].tolist()
-            a = model.to_tokens(answer, prepend_bos=False, truncate=False)[0].tolist() if answer else []
+            a = (
+                model.to_tokens(answer, prepend_bos=False, truncate=False)[0].tolist()
+                if answer
+                else []
+            )
             if not p:
                 raise PromptError(f"prompt {i} ({prompt!r}) tokenizes to nothing")
             if not a:
@@ -251,7 +257,9 @@ class PromptSet:
             )
         bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
         if texts:
-            p_ids = [model.to_tokens(q, prepend_bos=bos, truncate=False)[0].tolist() for q in questions]
+            p_ids = [
+                model.to_tokens(q, prepend_bos=bos, truncate=False)[0].tolist() for q in questions
+            ]
         else:
             p_ids = [_as_id_list(q, "question", i) for i, q in enumerate(questions)]
         for i, p in enumerate(p_ids):
@@ -272,9 +280,7 @@ class PromptSet:
                     f"the model's greedy answer to question {i} is empty (its first token is EOS)"
                 )
         answers = (
-            tuple(model.tokenizer.decode(a) for a in a_ids)
-            if model.tokenizer is not None
-            else None
+            tuple(model.tokenizer.decode(a) for a in a_ids) if model.tokenizer is not None else None
         )
         ps = cls._assemble(
             p_ids,
@@ -402,7 +408,9 @@ class PromptSet:
         else:
             idx = torch.as_tensor(index, dtype=torch.long)
             if idx.ndim != 1:
-                raise IndexError(f"index a PromptSet with a 1-D index, got shape {tuple(idx.shape)}")
+                raise IndexError(
+                    f"index a PromptSet with a 1-D index, got shape {tuple(idx.shape)}"
+                )
         if idx.numel() == 0:
             raise PromptError("indexing selected no prompts")
         keep = [int(i) for i in idx]

@@ -30,13 +30,13 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 
 from unlearnlens._checks import check_layers, check_window, window_layers
+from unlearnlens.components import TOP_LEVEL, resolve_components, select_parameters
 from unlearnlens.errors import ConfigError, IncompatibleModelsError
 from unlearnlens.metrics import MetricLike, resolve_metric
 from unlearnlens.patching import prepare, sweep_result
 from unlearnlens.prompts import Prompts
 from unlearnlens.results import SweepResult
 from unlearnlens.runner import Variant, run_variants
-from unlearnlens.components import TOP_LEVEL, resolve_components, select_parameters
 
 __all__ = ["Restoration", "restore_", "restore_sweep", "restored"]
 

@@ -106,7 +106,7 @@ class SweepResult:
         return labels, float(self.scores.flatten()[int(flat.argmax())])
 
     def to_dataframe(self) -> pd.DataFrame:
-        """A long table: one column per axis plus ``score``; metric, baseline, reference in attrs."""
+        """A long table: a column per axis plus ``score``; metric, baseline, reference in attrs."""
         import pandas as pd
 
         grids = torch.meshgrid(*[torch.arange(len(v)) for v in self.axes.values()], indexing="ij")
@@ -119,7 +119,9 @@ class SweepResult:
         frame.attrs.update(metric=self.metric, baseline=self.baseline, reference=self.reference)
         return frame
 
-    def plot(self, ax: Axes | None = None, *, label: str | None = None, title: str | None = None) -> Axes:
+    def plot(
+        self, ax: Axes | None = None, *, label: str | None = None, title: str | None = None
+    ) -> Axes:
         """A line over the layer axis (with baseline and reference), or a heatmap for two axes."""
         import matplotlib.pyplot as plt
 
@@ -135,9 +137,14 @@ class SweepResult:
             ax.set_ylabel(self.metric)
             ax.legend(fontsize="small")
         elif self.scores.ndim == 2:
-            im = ax.imshow(self.scores.numpy(), aspect="auto", cmap="RdBu_r", origin="lower",
-                           vmin=min(self.baseline, self.reference, float(self.scores.nan_to_num().min())),
-                           vmax=max(self.baseline, self.reference, float(self.scores.nan_to_num().max())))
+            im = ax.imshow(
+                self.scores.numpy(),
+                aspect="auto",
+                cmap="RdBu_r",
+                origin="lower",
+                vmin=min(self.baseline, self.reference, float(self.scores.nan_to_num().min())),
+                vmax=max(self.baseline, self.reference, float(self.scores.nan_to_num().max())),
+            )
             ax.set_ylabel(names[0])
             ax.set_xlabel(names[1])
             ax.set_yticks(range(len(self.axes[names[0]])), [str(v) for v in self.axes[names[0]]])
@@ -188,7 +195,9 @@ class SweepResult:
         """Writes one ``.safetensors`` file: exact tensors plus a JSON header. Returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(self.tensors(), str(path), metadata={"unlearnlens": json.dumps(self.to_json_dict())})
+        save_file(
+            self.tensors(), str(path), metadata={"unlearnlens": json.dumps(self.to_json_dict())}
+        )
         return path
 
     @classmethod

@@ -17,8 +17,9 @@ module is the one place that does it, and where the speed comes from:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -43,8 +44,8 @@ __all__ = [
     "SweepScores",
     "Variant",
     "gather_targets",
-    "run_variants",
     "logits_from_residual",
+    "run_variants",
     "target_logits",
     "unembed",
 ]
@@ -94,7 +95,9 @@ def logits_from_residual(
     return unembed(model, gather_targets(final_resid, prompts, offset=offset))
 
 
-def target_logits(model: HookedTransformer, prompts: PromptSet) -> Float[Tensor, "batch answer d_vocab"]:
+def target_logits(
+    model: HookedTransformer, prompts: PromptSet
+) -> Float[Tensor, "batch answer d_vocab"]:
     """The model's own logits at the target positions, computed without a full unembedding.
 
     Runs under the caller's grad mode (so trainers can differentiate through it); wrap it in
@@ -174,7 +177,9 @@ class SweepScores:
     per_prompt: Float[Tensor, "variant batch"]
     baseline: Float[Tensor, " batch"]
     reference: Float[Tensor, " batch"]
-    left_out: Bool[Tensor, " batch"] = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    left_out: Bool[Tensor, " batch"] = field(
+        default_factory=lambda: torch.zeros(0, dtype=torch.bool)
+    )
 
 
 @dataclass
@@ -250,9 +255,17 @@ def _clean_runs(
     )
     src_logits = logits_from_residual(source, src_resid, chunk)
 
-    resid_names = {f"blocks.{layer}.hook_resid_pre" for layer in start_layers if 0 <= layer < n_layers}
-    resid_names |= {f"blocks.{layer}.{h}" for layer in mid_layers for h in ("hook_resid_mid", "mlp.hook_post")}
-    kv = TransformerLensKeyValueCache.init_cache(target.cfg, target.cfg.device, len(chunk)) if want_kv else None
+    resid_names = {
+        f"blocks.{layer}.hook_resid_pre" for layer in start_layers if 0 <= layer < n_layers
+    }
+    resid_names |= {
+        f"blocks.{layer}.{h}" for layer in mid_layers for h in ("hook_resid_mid", "mlp.hook_post")
+    }
+    kv = (
+        TransformerLensKeyValueCache.init_cache(target.cfg, target.cfg.device, len(chunk))
+        if want_kv
+        else None
+    )
     tgt_tokens = chunk.tokens[:, :end].to(target.cfg.device)
     tgt_resid, tgt_cache = target.run_with_cache(
         tgt_tokens,
@@ -261,7 +274,11 @@ def _clean_runs(
         past_kv_cache=kv,
         names_filter=lambda name: name in resid_names,
     )
-    resid = {layer: tgt_cache[f"blocks.{layer}.hook_resid_pre"] for layer in start_layers if 0 <= layer < n_layers}
+    resid = {
+        layer: tgt_cache[f"blocks.{layer}.hook_resid_pre"]
+        for layer in start_layers
+        if 0 <= layer < n_layers
+    }
     if n_layers in start_layers:
         resid[n_layers] = tgt_resid
     return _Clean(
@@ -271,7 +288,10 @@ def _clean_runs(
         target_resid=resid,
         kv=kv,
         target_mid={
-            layer: (tgt_cache[f"blocks.{layer}.hook_resid_mid"], tgt_cache[f"blocks.{layer}.mlp.hook_post"])
+            layer: (
+                tgt_cache[f"blocks.{layer}.hook_resid_mid"],
+                tgt_cache[f"blocks.{layer}.mlp.hook_post"],
+            )
             for layer in mid_layers
         },
     )
@@ -293,7 +313,9 @@ def _prefix_cache(
         for i in layers
     }
     some = entries[layers[0]]
-    prev = torch.ones(some.past_keys.shape[0], first_pos, dtype=torch.long, device=some.past_keys.device)
+    prev = torch.ones(
+        some.past_keys.shape[0], first_pos, dtype=torch.long, device=some.past_keys.device
+    )
     return TransformerLensKeyValueCache(
         entries=[entries.get(i, some) for i in range(len(kv.entries))],
         previous_attention_mask=prev,
@@ -318,7 +340,9 @@ def _stack_hooks(
         mask_vbs = torch.stack(masks)  # [variant, batch, suffix]
         src = clean.source_acts[name][:, first_pos:end]
 
-        def hook(act: Tensor, hook: object, mask_vbs: Tensor = mask_vbs, src: Tensor = src) -> Tensor:
+        def hook(
+            act: Tensor, hook: object, mask_vbs: Tensor = mask_vbs, src: Tensor = src
+        ) -> Tensor:
             b = mask_vbs.shape[1]
             v = act.shape[0] // b  # variants that have joined the stack by this layer
             act_v = act.view(v, b, *act.shape[1:])
@@ -350,7 +374,7 @@ def _run_stack(
     bounds = [*sorted(set(starts)), n_layers]
     x: Tensor | None = None
     with target.hooks(fwd_hooks=_stack_hooks(group, chunk, rows, clean, first_pos, end)):
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
+        for lo, hi in itertools.pairwise(bounds):
             new = clean.target_resid[lo][:, first_pos:end].repeat(starts.count(lo), 1, 1)
             x = new if x is None else torch.cat([x, new.to(x.device)])
             if lo == hi:
@@ -359,7 +383,9 @@ def _run_stack(
                 assert clean.kv is not None
                 cache = _prefix_cache(clean.kv, first_pos, x.shape[0] // b, range(lo, hi))
                 mask = torch.ones(x.shape[0], end, dtype=torch.long, device=x.device)
-                x = target(x, start_at_layer=lo, stop_at_layer=hi, past_kv_cache=cache, attention_mask=mask)
+                x = target(
+                    x, start_at_layer=lo, stop_at_layer=hi, past_kv_cache=cache, attention_mask=mask
+                )
             else:
                 x = target(x, start_at_layer=lo, stop_at_layer=hi)
     assert x is not None
@@ -397,7 +423,9 @@ def _run_group(
         else:
             resid = _run_stack(target, group, chunk, rows, clean, first_pos, end)
         resid_vbsd = resid.view(n_var, b, *resid.shape[1:])
-        logits = torch.stack([logits_from_residual(target, r, chunk, offset=first_pos) for r in resid_vbsd])
+        logits = torch.stack(
+            [logits_from_residual(target, r, chunk, offset=first_pos) for r in resid_vbsd]
+        )
     if first_pos > 0:  # targets before the first changed position keep the clean logits
         early = (chunk.target_positions < first_pos).to(logits.device)[None, :, :, None]
         logits = torch.where(early, clean.target_logits[None], logits)
@@ -476,8 +504,12 @@ def run_variants(
         keep = len(chunks) == 1
         needs, cleans, refs = [], [], []
         for sl, chunk in chunks:
-            mids = frozenset(_start_layer(v, n_layers) for v in variants if _mid_block_start(v, target.cfg))
-            starts = {_start_layer(v, n_layers) for v in variants if not _mid_block_start(v, target.cfg)}
+            mids = frozenset(
+                _start_layer(v, n_layers) for v in variants if _mid_block_start(v, target.cfg)
+            )
+            starts = {
+                _start_layer(v, n_layers) for v in variants if not _mid_block_start(v, target.cfg)
+            }
             want_kv = any(_first_position(v, chunk, sl) > 0 for v in variants)
             needs.append((starts, want_kv, mids))
             if keep:
@@ -491,26 +523,37 @@ def run_variants(
             baseline[sl] = metric(zt, chunk, zs, zt).cpu()
             reference[sl] = metric(zs, chunk, zs, zt).cpu()
         if metric.uses_references:
-            left_out = torch.cat([metric.check_references(zs, zt, chunk).cpu()
-                                  for (_, chunk), (zs, zt) in zip(chunks, refs)])
+            left_out = torch.cat(
+                [
+                    metric.check_references(zs, zt, chunk).cpu()
+                    for (_, chunk), (zs, zt) in zip(chunks, refs)
+                ]
+            )
 
         plan = [list(_groups(variants, chunk, sl, n_layers, rows_per_pass)) for sl, chunk in chunks]
         bar = tqdm(total=sum(len(p) for p in plan), desc=desc, disable=not progress, leave=False)
         try:
-            for (sl, chunk), groups, clean, (starts, want_kv, mids) in zip(chunks, plan, cleans, needs):
+            for (sl, chunk), groups, clean, (starts, want_kv, mids) in zip(
+                chunks, plan, cleans, needs
+            ):
                 if clean is None:
                     clean = _clean_runs(source, target, chunk, source_hooks, starts, want_kv, mids)
                 end = int(chunk.last_target_position.max()) + 1
                 for idx, start, first in groups:
                     group = [variants[i] for i in idx]
                     if first >= end:  # nothing a target position can see changes
-                        logits = clean.target_logits[None].expand(len(group), *clean.target_logits.shape)
+                        logits = clean.target_logits[None].expand(
+                            len(group), *clean.target_logits.shape
+                        )
                     else:
                         logits = _run_group(target, group, chunk, sl, clean, start, first)
                     for i, lg in zip(idx, logits):
-                        per_prompt[i, sl] = metric(lg, chunk, clean.source_logits, clean.target_logits).cpu()
+                        per_prompt[i, sl] = metric(
+                            lg, chunk, clean.source_logits, clean.target_logits
+                        ).cpu()
                     bar.update(1)
         finally:
             bar.close()
-    return SweepScores(per_prompt=per_prompt, baseline=baseline, reference=reference, left_out=left_out)
-
+    return SweepScores(
+        per_prompt=per_prompt, baseline=baseline, reference=reference, left_out=left_out
+    )

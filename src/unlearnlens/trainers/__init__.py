@@ -11,11 +11,11 @@ batch: ga 5e-4 / 50, grad_diff 5e-4 / 30, npo, npo_kl, npo_rt, simnpo, dpo, dpo_
 5e-5 is the usual range.
 """
 
+from unlearnlens.components import ParamSelection, resolve_params, select_parameters
 from unlearnlens.trainers import dpo, ga, grad_diff, idk, npo, rmu, simnpo  # noqa: F401  (register)
 from unlearnlens.trainers.base import Batch, MethodConfig, MethodLoss, TrainData, UnlearningMethod
 from unlearnlens.trainers.config import TrainConfig
 from unlearnlens.trainers.loop import UnlearnRun, unlearn
-from unlearnlens.components import ParamSelection, resolve_params, select_parameters
 from unlearnlens.trainers.registry import (
     available_methods,
     get_method,

@@ -31,8 +31,8 @@ from unlearnlens.errors import ConfigError
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-    from unlearnlens.prompts import PromptSet
     from unlearnlens.components import ParamSpec
+    from unlearnlens.prompts import PromptSet
 
 __all__ = ["Batch", "MethodConfig", "MethodLoss", "TrainData", "UnlearningMethod"]
 

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from unlearnlens._guard import preserved
+from unlearnlens.components import ParamSpec, resolve_params
 from unlearnlens.errors import ConfigError, NonFiniteLossError
 from unlearnlens.metrics import accuracy, answer_logprob
 from unlearnlens.runner import target_logits
@@ -20,7 +21,6 @@ from unlearnlens.trainers.base import Batch, MethodConfig, MethodLoss, TrainData
 from unlearnlens.trainers.checkpoint import load_checkpoint, save_checkpoint
 from unlearnlens.trainers.config import TrainConfig
 from unlearnlens.trainers.data import TrainSet, as_train_set, batch_indices
-from unlearnlens.components import ParamSpec, resolve_params
 from unlearnlens.trainers.registry import build_method
 
 if TYPE_CHECKING:

@@ -9,9 +9,9 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from unlearnlens.components import ParamSelection
 from unlearnlens.errors import ConfigError, LayerError
 from unlearnlens.trainers.base import Batch, MethodConfig, MethodLoss, TrainData, UnlearningMethod
-from unlearnlens.components import ParamSelection
 from unlearnlens.trainers.registry import register_method
 
 if TYPE_CHECKING:
