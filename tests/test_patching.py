@@ -366,5 +366,7 @@ def test_sweep_result_plots(model_pair):
     base, unlearned = model_pair
     line = ul.patch_attention(base, unlearned, PAIRS, progress=False).plot()
     assert len(line.get_lines()) == 3  # the sweep, baseline, reference
+    ul.patch_mlp_coefficients(base, unlearned, PAIRS, progress=False).plot(ax=line)
+    assert len(line.get_lines()) == 4  # a second sweep on the same axes adds only its line
     heat = ul.patch_residual(base, unlearned, PAIRS, positions="each", progress=False).plot()
     assert heat.get_xlabel() == "pos" and heat.get_ylabel() == "layer"

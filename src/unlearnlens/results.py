@@ -131,8 +131,11 @@ class SweepResult:
         if self.scores.ndim == 1:
             x = self.axes[names[0]]
             ax.plot(x, self.scores.numpy(), marker="o", label=label or self.meta.get("name"))
-            ax.axhline(self.baseline, color="grey", ls=":", lw=1, label="unpatched target")
-            ax.axhline(self.reference, color="black", ls="--", lw=1, label="source")
+            drawn = set(ax.get_legend_handles_labels()[1])  # several sweeps on one axes
+            if "unpatched target" not in drawn:
+                ax.axhline(self.baseline, color="grey", ls=":", lw=1, label="unpatched target")
+            if "source" not in drawn:
+                ax.axhline(self.reference, color="black", ls="--", lw=1, label="source")
             ax.set_xlabel(names[0])
             ax.set_ylabel(self.metric)
             ax.legend(fontsize="small")
