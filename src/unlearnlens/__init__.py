@@ -34,6 +34,7 @@ from unlearnlens.errors import (
     UnlearnLensError,
     UnsupportedArchitectureError,
 )
+from unlearnlens.evaluation import Evaluation, evaluate
 from unlearnlens.lens import attribution_patch, logit_lens, logit_lens_compare
 from unlearnlens.models import (
     SUPPORTED_ARCHITECTURES,
@@ -44,8 +45,10 @@ from unlearnlens.models import (
 )
 from unlearnlens.patching import patch, patch_attention, patch_mlp_coefficients, patch_residual
 from unlearnlens.prompts import PromptSet, format_question
+from unlearnlens.report import write_report
 from unlearnlens.restoration import Restoration, restore_, restore_sweep, restored
 from unlearnlens.results import SweepResult
+from unlearnlens.study import ANALYSES, CoefficientTables, StudyResult, dissect
 from unlearnlens.trainers import (
     MethodConfig,
     MethodLoss,
@@ -62,15 +65,18 @@ from unlearnlens.trainers import (
 )
 
 __all__ = [
+    "ANALYSES",
     "SUPPORTED_ARCHITECTURES",
     "CheckpointError",
     "CoefficientComparison",
     "CoefficientStats",
+    "CoefficientTables",
     "ComponentError",
     "Concept",
     "ConceptVector",
     "ConfigError",
     "DriftTable",
+    "Evaluation",
     "HookError",
     "IncompatibleModelsError",
     "LayerError",
@@ -83,6 +89,7 @@ __all__ = [
     "PromptSet",
     "RelearnRun",
     "Restoration",
+    "StudyResult",
     "SweepResult",
     "UnknownMethodError",
     "UnlearnLensError",
@@ -95,6 +102,8 @@ __all__ = [
     "coefficient_positions",
     "compare_coefficients",
     "concept_vector_drift",
+    "dissect",
+    "evaluate",
     "format_question",
     "load_conceptvectors",
     "load_hf",
@@ -122,5 +131,6 @@ __all__ = [
     "unlearn",
     "unregister_method",
     "vocab_projection",
+    "write_report",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,438 @@
+"""The ``unlearnlens`` command: ``demo``, ``dissect`` and ``unlearn``.
+
+* ``unlearnlens demo [--out DIR] [--quick] [--threads N] [--no-progress]`` runs the whole
+  study on the embedded toy world: trains (or loads from the cache) the base model, unlearns
+  one concept with ``grad_diff``, ``npo``, ``dpo`` and ``rmu`` (each with its defaults),
+  dissects the four unlearned models (window of 3 layers on the 6-layer toy model), writes
+  the report and prints the summary. It runs torch on one thread by default.
+* ``unlearnlens dissect --base DIR --unlearned NAME=DIR [NAME=DIR ...] --concepts FILE.json
+  [--concept NAME] --out DIR`` runs the study on local checkpoints and one ConceptVectors
+  concept: its questions in the study's format, answered by the base model's greedy
+  continuation, and its ``unrelated_QA`` questions for side effects.
+* ``unlearnlens unlearn --model DIR --forget FILE [--retain FILE] --method NAME --out DIR``
+  unlearns with a registered method and saves the model with :func:`unlearnlens.save_model`.
+
+A model directory is either one written by :func:`unlearnlens.save_model` (it holds
+``unlearnlens_config.json``) or a Hugging Face checkpoint (``config.json`` + weights), loaded
+with :func:`unlearnlens.load_hf`. Nothing is downloaded.
+
+Bad input ends the command with exit status 2 and one line on stderr,
+``unlearnlens: error: ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from unlearnlens.errors import ConfigError, UnlearnLensError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from transformer_lens import HookedTransformer
+
+__all__ = ["DEMO_METHODS", "load_any", "main", "read_train_file"]
+
+DEMO_METHODS = ("grad_diff", "npo", "dpo", "rmu")
+"""The unlearning methods the demo compares, each with its own defaults."""
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _UsageError(Exception):
+    """A command-line usage error, reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(message)
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def load_any(
+    directory: str | Path, *, device: str | None = None, dtype: str | None = None
+) -> HookedTransformer:
+    """Loads a model saved by :func:`unlearnlens.save_model` or a Hugging Face checkpoint.
+
+    Args:
+        directory: The model's folder.
+        device: Where to put it (default: where it was saved, else the CPU for saved
+            unlearnlens models; TransformerLens's default for Hugging Face checkpoints).
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; ``None`` keeps a saved model's
+            dtype and loads Hugging Face checkpoints in float32.
+
+    Raises:
+        CheckpointError: The folder does not exist or holds no model.
+    """
+    import torch
+
+    from unlearnlens.errors import CheckpointError
+    from unlearnlens.models import load_hf, load_model
+
+    path = Path(directory)
+    if not path.is_dir():
+        raise CheckpointError(f"no model directory at {str(path)!r}")
+    torch_dtype = None if dtype is None else getattr(torch, dtype)
+    if (path / "unlearnlens_config.json").is_file():
+        model = load_model(path, device=device)
+        if torch_dtype is not None and model.cfg.dtype != torch_dtype:
+            model = model.to(torch_dtype, print_details=False)
+        return model
+    if not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"{str(path)!r} holds neither a model saved by unlearnlens (unlearnlens_config.json) "
+            "nor a Hugging Face checkpoint (config.json)"
+        )
+    return load_hf(path, device=device, dtype=torch_dtype or torch.float32)
+
+
+def read_train_file(path: str | Path) -> list[Any]:
+    """Reads a forget or retain file for ``unlearnlens unlearn``.
+
+    A ``.json`` file holds a list of ``[question, answer]`` pairs or a list of texts. Any
+    other file is plain text: paragraphs separated by blank lines are one text each; a file
+    without blank lines has one text per line.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ConfigError: The file holds nothing, or JSON of another shape.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {str(path)!r}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from e
+        if not isinstance(data, list) or not data:
+            raise ConfigError(
+                f"{path} must hold a non-empty JSON list of [question, answer] pairs or texts"
+            )
+        if all(isinstance(x, str) for x in data):
+            return list(data)
+        pairs = []
+        for i, item in enumerate(data):
+            if not (
+                isinstance(item, list) and len(item) == 2 and all(isinstance(s, str) for s in item)
+            ):
+                raise ConfigError(
+                    f"{path}: item {i} is not a [question, answer] pair of strings: "
+                    f"{repr(item)[:80]}"
+                )
+            pairs.append((item[0], item[1]))
+        return pairs
+    if any(not line.strip() for line in text.strip().splitlines()):
+        chunks = [" ".join(p.split("\n")).strip() for p in text.split("\n\n")]
+    else:
+        chunks = [line.strip() for line in text.splitlines()]
+    texts = [c for c in chunks if c]
+    if not texts:
+        raise ConfigError(f"{path} holds no text")
+    return texts
+
+
+def _parse_unlearned(items: list[str]) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, directory = item.partition("=")
+        if not sep or not name.strip() or not directory.strip():
+            raise ConfigError(f"--unlearned takes NAME=DIR, got {item!r}")
+        name = name.strip()
+        if name in out:
+            raise ConfigError(f"--unlearned names {name!r} twice")
+        out[name] = Path(directory.strip())
+    return out
+
+
+# ------------------------------------------------------------------------------ printing
+
+
+def format_summary(summary: pd.DataFrame) -> str:
+    """The study summary as a terminal table: sweeps as rows, methods as columns.
+
+    Each cell is ``peak (Lk)``: the highest score over layers and the layer where it is
+    reached.
+    """
+    if summary.empty:
+        return "(no sweeps ran)"
+    cells = summary.apply(lambda r: f"{r['peak']:.3f} (L{int(r['peak_layer'])})", axis=1)
+    table = cells.unstack("method")
+    order = [a for a in dict.fromkeys(summary.index.get_level_values("analysis"))]
+    methods = list(dict.fromkeys(summary.index.get_level_values("method")))
+    return table.loc[order, methods].to_string()
+
+
+def _print_study(study: Any, index: Path, started: float) -> None:
+    print()
+    print("Peak KRS by sweep (layer of the peak); 0 = unlearned model, 1 = base model recovered:")
+    print(format_summary(study.summary()))
+    if study.evaluation is not None:
+        cols = [
+            c
+            for c in study.evaluation.table.columns
+            if c.endswith(("/accuracy", "/rouge_l", "/perplexity"))
+        ]
+        print()
+        print("Behaviour:")
+        print(study.evaluation.table[cols].to_string(float_format=lambda v: f"{v:.3f}"))
+    print()
+    print(f"finished in {time.perf_counter() - started:.1f} s")
+    print(f"report: {index}")
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+    # The toy models are small (width 128): extra intra-op threads barely speed them up, and on
+    # a busy machine they slow every small operation down many times over.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run_demo(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from unlearnlens.study import dissect
+    from unlearnlens.toy import make_world, train_base
+    from unlearnlens.trainers import unlearn
+
+    started = time.perf_counter()
+    progress = not args.no_progress
+    torch.manual_seed(0)
+    if args.quick:
+        world = make_world(0, n_concepts=6, n_relations=2, n_capability=8)
+        base = train_base(
+            world,
+            steps=40,
+            n_layers=2,
+            d_model=32,
+            d_head=8,
+            n_heads=4,
+            n_key_value_heads=2,
+            d_mlp=64,
+            progress=progress,
+        )
+        steps: int | None = 2
+        analyses: tuple[str, ...] | None = (
+            "behaviour",
+            "patch_mlp",
+            "restore_w_out",
+            "coefficients",
+            "logit_lens",
+        )
+        unrelated, capability, window = world.unrelated[:8], world.capability_pairs[:4], 1
+    else:
+        world = make_world(0)
+        base = train_base(world, progress=progress)
+        steps, analyses, window = None, None, 3
+        unrelated, capability = world.unrelated[::6], world.capability_pairs
+    models = {}
+    for method in DEMO_METHODS:
+        print(f"unlearning {', '.join(world.forget_concepts)} with {method} ...", file=sys.stderr)
+        run = unlearn(
+            base, world.forget, retain=world.retain, method=method, steps=steps, progress=progress
+        )
+        models[method] = run.model
+    study = dissect(
+        base,
+        models,
+        world.forget,
+        unrelated=unrelated,
+        capability=capability,
+        window=window,
+        analyses=analyses,
+        eval_max_new_tokens=8,
+        progress=progress,
+    )
+    index = study.report(args.out)
+    _print_study(study, index, started)
+    return 0
+
+
+def _dissect(args: argparse.Namespace) -> int:
+    from unlearnlens._checks import check_window
+    from unlearnlens.conceptvectors import load_conceptvectors
+    from unlearnlens.prompts import PromptSet, format_question
+    from unlearnlens.study import check_analyses, dissect
+
+    started = time.perf_counter()
+    progress = not args.no_progress
+    analyses = check_analyses(args.analyses)
+    check_window(args.window)
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    paths = _parse_unlearned(args.unlearned)
+    for label, p in [
+        ("--base", Path(args.base)),
+        *[(f"--unlearned {n}", p) for n, p in paths.items()],
+    ]:
+        if not p.is_dir():
+            raise FileNotFoundError(f"{label}: no model directory at {str(p)!r}")
+    concepts = load_conceptvectors(args.concepts)
+    if args.concept is None:
+        concept = concepts[0]
+    else:
+        matches = [c for c in concepts if c.concept.lower() == args.concept.lower()]
+        if not matches:
+            names = ", ".join(repr(c.concept) for c in concepts[:10])
+            raise ConfigError(f"no concept {args.concept!r} in {args.concepts}; it has {names}")
+        concept = matches[0]
+    if not concept.qa:
+        raise ConfigError(f"concept {concept.concept!r} has no QA questions")
+    print(f"concept: {concept.concept} ({len(concept.qa)} questions)", file=sys.stderr)
+
+    base = load_any(args.base, device=args.device, dtype=args.dtype)
+    models = {n: load_any(p, device=args.device, dtype=args.dtype) for n, p in paths.items()}
+    questions = [format_question(q) for q in concept.qa]
+    prompts = PromptSet.from_model_answers(base, questions, max_new_tokens=args.max_new_tokens)
+    unrelated = None
+    if concept.unrelated_qa and "behaviour" in analyses:
+        unrelated = PromptSet.from_model_answers(
+            base,
+            [format_question(q) for q in concept.unrelated_qa],
+            max_new_tokens=args.max_new_tokens,
+        )
+    study = dissect(
+        base,
+        models,
+        prompts,
+        unrelated=unrelated,
+        window=args.window,
+        analyses=analyses,
+        batch_size=args.batch_size,
+        progress=progress,
+    )
+    index = study.report(args.out)
+    _print_study(study, index, started)
+    return 0
+
+
+def _unlearn(args: argparse.Namespace) -> int:
+    from unlearnlens.models import save_model
+    from unlearnlens.trainers import get_method, unlearn
+
+    get_method(args.method)  # an unknown method fails before anything loads
+    forget = read_train_file(args.forget)
+    retain = None if args.retain is None else read_train_file(args.retain)
+    model = load_any(args.model, device=args.device, dtype=args.dtype)
+    run = unlearn(
+        model,
+        forget,
+        retain=retain,
+        method=args.method,
+        steps=args.steps,
+        lr=args.lr,
+        progress=not args.no_progress,
+    )
+    out = save_model(run.model, args.out)
+    final = ", ".join(f"{k} {v:.3f}" for k, v in run.final.items())
+    print(f"{args.method}: {run.config.steps} steps; {final}")
+    print(f"saved: {out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ parser
+
+
+def _parser() -> _Parser:
+    parser = _Parser(
+        prog="unlearnlens",
+        description="Has an unlearned language model forgotten, or does it only hide what it "
+        "knows?",
+    )
+    sub = parser.add_subparsers(
+        dest="command", metavar="{demo,dissect,unlearn}", parser_class=_Parser
+    )
+
+    demo = sub.add_parser("demo", help="run the whole study on the embedded toy world")
+    demo.add_argument("--out", default="reports/demo", help="report folder (default reports/demo)")
+    demo.add_argument(
+        "--quick", action="store_true", help="a tiny world and model, few steps (for tests)"
+    )
+    demo.add_argument(
+        "--threads", type=int, default=1, help="torch threads for the toy models (default 1)"
+    )
+    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    dis = sub.add_parser(
+        "dissect", help="run the study on local checkpoints and a ConceptVectors concept"
+    )
+    dis.add_argument("--base", required=True, help="base model folder")
+    dis.add_argument(
+        "--unlearned", required=True, nargs="+", metavar="NAME=DIR", help="unlearned model folders"
+    )
+    dis.add_argument("--concepts", required=True, help="ConceptVectors JSON file")
+    dis.add_argument("--concept", help="concept name (default: the file's first entry)")
+    dis.add_argument("--out", required=True, help="report folder")
+    dis.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    dis.add_argument(
+        "--dtype", choices=_DTYPES, help="parameter dtype (default float32 for HF checkpoints)"
+    )
+    dis.add_argument(
+        "--window", type=int, default=5, help="layers patched/restored together (default 5)"
+    )
+    dis.add_argument("--analyses", help="comma-separated subset of the analyses (default all)")
+    dis.add_argument(
+        "--max-new-tokens", type=int, default=30, help="longest greedy answer (default 30)"
+    )
+    dis.add_argument("--batch-size", type=int, help="most rows per forward pass")
+    dis.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    unl = sub.add_parser("unlearn", help="unlearn with a registered method and save the model")
+    unl.add_argument("--model", required=True, help="model folder")
+    unl.add_argument(
+        "--forget",
+        required=True,
+        help="JSON list of [question, answer] pairs or texts, or a text file",
+    )
+    unl.add_argument("--retain", help="same formats as --forget")
+    unl.add_argument(
+        "--method",
+        required=True,
+        help="ga, grad_diff, npo, npo_kl, npo_rt, simnpo, dpo, dpo_retain, rmu, idk, ...",
+    )
+    unl.add_argument("--out", required=True, help="folder for the unlearned model")
+    unl.add_argument("--steps", type=int, help="optimizer steps (default: the method's)")
+    unl.add_argument("--lr", type=float, help="learning rate (default: the method's)")
+    unl.add_argument("--device", help="cpu, cuda, ...")
+    unl.add_argument("--dtype", choices=_DTYPES, help="parameter dtype")
+    unl.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (0 on success, 2 on bad input)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        run = {"demo": _demo, "dissect": _dissect, "unlearn": _unlearn}[args.command]
+        return run(args)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except (_UsageError, UnlearnLensError, ValueError, FileNotFoundError, ImportError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"unlearnlens: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("unlearnlens: interrupted", file=sys.stderr)
+        return 130
