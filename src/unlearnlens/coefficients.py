@@ -174,6 +174,16 @@ def _check_positions(positions: object) -> None:
         )
 
 
+def _prepare(
+    model: HookedTransformer, prompts: Prompts, layers: int | Sequence[int] | None, positions: str
+) -> tuple[list[int], PromptSet, PositionSelection, list[str]]:
+    """Checks the arguments; returns layers, prompts, positions and hook names to read."""
+    _check_positions(positions)
+    layer_list = check_layers(model, layers)
+    ps = as_promptset(model, prompts)
+    return layer_list, ps, _select(ps, positions), [hook_post_name(layer) for layer in layer_list]
+
+
 # ------------------------------------------------------------------------------- read-out
 
 
@@ -211,11 +221,7 @@ def mlp_coefficients(
         LayerError: A layer out of range.
         PromptError: Bad prompts or a bad ``positions`` value.
     """
-    _check_positions(positions)
-    layer_list = check_layers(model, layers)
-    ps = as_promptset(model, prompts)
-    sel = _select(ps, positions)
-    names = [hook_post_name(layer) for layer in layer_list]
+    layer_list, ps, sel, names = _prepare(model, prompts, layers, positions)
     out: list[Tensor] = []
     with preserved(model):
         for rows, chunk in prompt_batches(ps, batch_size, progress, "mlp coefficients"):
@@ -288,11 +294,7 @@ def mlp_coefficient_stats(
         LayerError: A layer out of range.
         PromptError: Bad prompts or a bad ``positions`` value.
     """
-    _check_positions(positions)
-    layer_list = check_layers(model, layers)
-    ps = as_promptset(model, prompts)
-    sel = _select(ps, positions)
-    names = [hook_post_name(layer) for layer in layer_list]
+    layer_list, ps, sel, names = _prepare(model, prompts, layers, positions)
     shape = (len(layer_list), model.cfg.d_mlp)
     dev = model.cfg.device
     s1, s_abs, s2 = (torch.zeros(shape, dtype=torch.float64, device=dev) for _ in range(3))
