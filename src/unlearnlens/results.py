@@ -19,19 +19,19 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.axes import Axes
 
-__all__ = ["SweepResult"]
+__all__ = ["SweepResult", "json_ready"]
 
 _FORMAT = "unlearnlens.SweepResult/1"
 
 
-def _plain(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
     """JSON-ready copy of axis values and metadata (tuples become lists, tensors lists)."""
     if isinstance(value, Tensor):
         return value.tolist()
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [json_ready(v) for v in value]
     if hasattr(value, "item") and callable(value.item):  # numpy scalars
         return value.item()
     return value
@@ -68,8 +68,10 @@ class SweepResult:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scores", self.scores.detach().float().cpu())
-        object.__setattr__(self, "axes", {str(k): _plain(list(v)) for k, v in self.axes.items()})
-        object.__setattr__(self, "meta", _plain(dict(self.meta)))
+        object.__setattr__(
+            self, "axes", {str(k): json_ready(list(v)) for k, v in self.axes.items()}
+        )
+        object.__setattr__(self, "meta", json_ready(dict(self.meta)))
         object.__setattr__(self, "baseline", float(self.baseline))
         object.__setattr__(self, "reference", float(self.reference))
         shape = tuple(len(v) for v in self.axes.values())
