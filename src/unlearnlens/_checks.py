@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from unlearnlens.errors import HookError, LayerError
+import numpy as np
+
+from unlearnlens.errors import ConfigError, HookError, LayerError
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-__all__ = ["BLOCK_HOOKS", "check_layers", "check_window", "resolve_hooks", "window_layers"]
+__all__ = [
+    "BLOCK_HOOKS",
+    "check_bool",
+    "check_float",
+    "check_int",
+    "check_layers",
+    "check_window",
+    "resolve_hooks",
+    "window_layers",
+]
 
 BLOCK_HOOKS = (
     "hook_resid_pre",
@@ -112,3 +124,72 @@ def resolve_hooks(model: HookedTransformer, hooks: str | Iterable[str]) -> list[
         if rel not in out:
             out.append(rel)
     return out
+
+
+def check_int(
+    value: object,
+    name: str,
+    *,
+    minimum: int | None = None,
+    error: type[Exception] = ConfigError,
+) -> int:
+    """An integer argument: Python or numpy integers, never ``bool``, floats or strings.
+
+    Args:
+        value: The value given.
+        name: The argument's name, for the message.
+        minimum: The smallest value allowed, if any.
+        error: The exception class to raise.
+
+    Returns:
+        ``value`` as a Python ``int``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise error(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    out = int(value)
+    if minimum is not None and out < minimum:
+        raise error(f"{name} must be >= {minimum}, got {out}")
+    return out
+
+
+def check_float(
+    value: object,
+    name: str,
+    *,
+    positive: bool = False,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    error: type[Exception] = ConfigError,
+) -> float:
+    """A finite real argument (Python/numpy ints and floats, never ``bool`` or strings).
+
+    Args:
+        value: The value given.
+        name: The argument's name, for the message.
+        positive: Require ``value > 0``.
+        minimum: The smallest value allowed (inclusive), if any.
+        maximum: The largest value allowed (inclusive), if any.
+        error: The exception class to raise.
+
+    Returns:
+        ``value`` as a Python ``float``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise error(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    out = float(value)
+    if not math.isfinite(out):
+        raise error(f"{name} must be finite, got {out}")
+    if positive and out <= 0:
+        raise error(f"{name} must be > 0, got {out}")
+    if minimum is not None and out < minimum:
+        raise error(f"{name} must be >= {minimum}, got {out}")
+    if maximum is not None and out > maximum:
+        raise error(f"{name} must be <= {maximum}, got {out}")
+    return out
+
+
+def check_bool(value: object, name: str, *, error: type[Exception] = ConfigError) -> bool:
+    """A ``bool`` argument (``True``/``False`` or a numpy bool), nothing coerced."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise error(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return bool(value)

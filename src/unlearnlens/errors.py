@@ -12,6 +12,7 @@ __all__ = [
     "CheckpointError",
     "ComponentError",
     "ConfigError",
+    "FileFormatError",
     "HookError",
     "IncompatibleModelsError",
     "LayerError",
@@ -70,3 +71,7 @@ class UnknownMethodError(UnlearnLensError, ValueError):
 
 class NonFiniteLossError(UnlearnLensError, FloatingPointError):
     """Training produced a non-finite loss or gradient."""
+
+
+class FileFormatError(UnlearnLensError, ValueError):
+    """A file that is missing, truncated, corrupt or not in the expected format; names the file."""

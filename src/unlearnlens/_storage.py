@@ -1,0 +1,174 @@
+"""Every file unlearnlens writes or reads back goes through here.
+
+Writes are atomic: data goes to a temporary file (or folder) beside the destination and is
+renamed into place only once complete, so a failed write (disk full, an exception, a kill)
+leaves the previous file or folder as it was. Reads turn missing, truncated and corrupt files
+into :class:`~unlearnlens.errors.FileFormatError` naming the file, instead of the parser's own
+exception. Nothing here unpickles: tensors are safetensors, everything else JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from unlearnlens.errors import FileFormatError
+
+__all__ = [
+    "atomic_directory",
+    "atomic_file",
+    "read_json",
+    "read_safetensors",
+    "read_safetensors_metadata",
+    "write_json",
+    "write_safetensors",
+    "write_text",
+]
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yields a temporary path beside ``path``; on a clean exit it replaces ``path``.
+
+    The parent folder is created if missing. On any exception the temporary file is removed
+    and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yields a fresh temporary folder beside ``directory``; on a clean exit it becomes it.
+
+    An existing ``directory`` is moved aside first and deleted only after the new folder is in
+    place, so at every moment either the old or the new contents exist in full. On any
+    exception the temporary folder is removed and ``directory`` is left untouched.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        yield tmp
+        if directory.exists():
+            old = Path(
+                tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent)
+            )
+            os.replace(directory, old / "x")
+            try:
+                os.replace(tmp, directory)
+            except BaseException:
+                os.replace(old / "x", directory)
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Writes ``text`` (UTF-8) to ``path`` atomically; returns the path."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike[str], data: Any, *, indent: int | None = 1) -> Path:
+    """Writes ``data`` as standard JSON (no NaN literals) atomically; returns the path."""
+    return write_text(path, json.dumps(data, indent=indent, allow_nan=False))
+
+
+def write_safetensors(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Writes tensors (moved to the CPU, made contiguous) as safetensors atomically."""
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_file(path) as tmp:
+        save_file(flat, str(tmp), metadata=dict(metadata) if metadata is not None else None)
+    return Path(path)
+
+
+def read_json(path: str | os.PathLike[str], *, what: str = "file") -> Any:
+    """Parses a JSON file.
+
+    Raises:
+        FileFormatError: The file is missing, unreadable, or not valid JSON; names the file.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileFormatError(f"{what} {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FileFormatError(f"cannot read {what} {str(path)!r}: {exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FileFormatError(
+            f"{what} {str(path)!r} is not valid JSON (truncated or corrupt?): {exc}"
+        ) from None
+
+
+def read_safetensors(
+    path: str | os.PathLike[str], *, what: str = "file", device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Loads every tensor of a safetensors file.
+
+    Raises:
+        FileFormatError: The file is missing or not a readable safetensors file; names it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{what} {str(path)!r} does not exist")
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise FileFormatError(
+            f"{what} {str(path)!r} is not a readable safetensors file (truncated or corrupt?): "
+            f"{exc}"
+        ) from None
+
+
+def read_safetensors_metadata(
+    path: str | os.PathLike[str], *, what: str = "file"
+) -> dict[str, str]:
+    """The string metadata of a safetensors file's header (empty when it has none).
+
+    Raises:
+        FileFormatError: The file is missing or not a readable safetensors file; names it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{what} {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise FileFormatError(
+            f"{what} {str(path)!r} is not a readable safetensors file (truncated or corrupt?): "
+            f"{exc}"
+        ) from None
