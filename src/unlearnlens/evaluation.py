@@ -19,7 +19,6 @@ per score (``forget/accuracy``, ``unrelated/rouge_l``, ``capability/perplexity``
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from unlearnlens._guard import preserved
-from unlearnlens.errors import ConfigError, PromptError, UnlearnLensError
+from unlearnlens._storage import read_json, write_json
+from unlearnlens.errors import ConfigError, FileFormatError, PromptError, UnlearnLensError
 from unlearnlens.metrics import accuracy, answer_logprob, answer_prob
 from unlearnlens.prompts import PromptSet, as_promptset
 from unlearnlens.runner import target_logits
@@ -133,22 +133,21 @@ class Evaluation:
 
     def save(self, path: str | Path) -> Path:
         """Writes the evaluation as one JSON file; returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json_dict(), indent=1))
-        return path
+        return write_json(path, self.to_json_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Evaluation:
         """Reads a file written by :meth:`save`.
 
         Raises:
-            UnlearnLensError: The file is missing or not a saved evaluation.
+            FileFormatError: The file is missing, truncated, corrupt or not a saved
+                evaluation; names the file.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise UnlearnLensError(f"no saved Evaluation at {path}")
-        return cls.from_json_dict(json.loads(path.read_text()))
+        data = read_json(path, what="saved Evaluation")
+        try:
+            return cls.from_json_dict(data)
+        except (UnlearnLensError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise FileFormatError(f"{str(path)!r} is not a saved Evaluation: {exc}") from None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Evaluation):

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.utilities.tokenize_utils import get_tokenizer_with_bos
 
@@ -29,9 +28,18 @@ from unlearnlens._architectures import (
     architecture_name,
     unsupported,
 )
+from unlearnlens._storage import (
+    atomic_directory,
+    check_writable,
+    read_json,
+    read_safetensors,
+    write_safetensors,
+    write_text,
+)
 from unlearnlens.errors import (
     CheckpointError,
     ConfigError,
+    FileFormatError,
     IncompatibleModelsError,
     UnsupportedArchitectureError,
 )
@@ -114,8 +122,9 @@ def save_model(model: HookedTransformer, directory: str | Path) -> Path:
 
     Args:
         model: The model to save.
-        directory: Where to save it; created if missing. Files of an earlier save there are
-            overwritten.
+        directory: Where to save it; created if missing. Everything is written to a
+            temporary folder and swapped in once complete, so a failed save leaves an earlier
+            save there as it was; other files in the folder are kept.
 
     Returns:
         The directory, as a ``Path``.
@@ -125,14 +134,12 @@ def save_model(model: HookedTransformer, directory: str | Path) -> Path:
     """
     if not isinstance(model, HookedTransformer):
         raise TypeError(f"save_model expects a HookedTransformer, got {type(model).__name__}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = check_writable(directory, what="model folder")
     # contiguous CPU copies: safetensors refuses shared or non-contiguous storage
     tensors = {
         name: tensor.detach().to("cpu").contiguous().clone()
         for name, tensor in model.state_dict().items()
     }
-    save_file(tensors, str(directory / _WEIGHTS_FILE), metadata={"format": _FORMAT})
     payload = {
         "format": _FORMAT,
         "format_version": _FORMAT_VERSION,
@@ -140,9 +147,11 @@ def save_model(model: HookedTransformer, directory: str | Path) -> Path:
         "has_tokenizer": model.tokenizer is not None,
         "padding_side": getattr(model.tokenizer, "padding_side", None),
     }
-    (directory / _CONFIG_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True))
-    if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(str(directory / _TOKENIZER_DIR))
+    with atomic_directory(directory, keep_others=True) as tmp:
+        write_safetensors(tmp / _WEIGHTS_FILE, tensors, metadata={"format": _FORMAT})
+        write_text(tmp / _CONFIG_FILE, json.dumps(payload, indent=2, sort_keys=True))
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(str(tmp / _TOKENIZER_DIR))
     return directory
 
 
@@ -177,10 +186,14 @@ def load_model(
             f"missing {', '.join(missing)}"
         )
     try:
-        payload = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{str(config_path)!r} is not valid JSON: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        payload = read_json(config_path, what="saved model config")
+    except FileFormatError as exc:
+        raise CheckpointError(str(exc)) from None
+    if (
+        not isinstance(payload, dict)
+        or payload.get("format") != _FORMAT
+        or not isinstance(payload.get("config"), dict)
+    ):
         raise CheckpointError(
             f"{str(config_path)!r} is not a model config written by unlearnlens.save_model"
         )
@@ -192,7 +205,12 @@ def load_model(
         cfg_dict["n_devices"] = 1
     # n_params is derived in __post_init__; passing it back is harmless but not needed
     cfg_dict.pop("n_params", None)
-    cfg = HookedTransformerConfig.from_dict(cfg_dict)
+    try:
+        cfg = HookedTransformerConfig.from_dict(cfg_dict)
+    except (TypeError, ValueError, KeyError, AssertionError) as exc:
+        raise CheckpointError(
+            f"{str(config_path)!r} does not hold a valid model config: {type(exc).__name__}: {exc}"
+        ) from None
 
     tokenizer = None
     if payload.get("has_tokenizer"):
@@ -201,14 +219,22 @@ def load_model(
         tok_dir = directory / _TOKENIZER_DIR
         if not tok_dir.is_dir():
             raise CheckpointError(f"saved model at {str(directory)!r} lacks its tokenizer folder")
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"cannot read the tokenizer in {str(tok_dir)!r} (truncated or corrupt?): {exc}"
+            ) from None
     padding_side = payload.get("padding_side") or "right"
     model = HookedTransformer(
         cfg, tokenizer=tokenizer, default_padding_side=padding_side if tokenizer else None
     )
     for key, value in restore.items():
         setattr(model.cfg, key, value)
-    state = load_file(str(weights_path))
+    try:
+        state = read_safetensors(weights_path, what="saved model weights")
+    except FileFormatError as exc:
+        raise CheckpointError(str(exc)) from None
     expected = set(model.state_dict())
     if set(state) != expected:
         extra, lacking = sorted(set(state) - expected), sorted(expected - set(state))
@@ -218,6 +244,12 @@ def load_model(
         )
     # assign: buffers keep the saved dtype too (a model cast with .to(dtype) has bfloat16 masks)
     current = model.state_dict()
+    for key, value in state.items():
+        if value.shape != current[key].shape:
+            raise CheckpointError(
+                f"weights in {str(weights_path)!r} do not fit the saved config: {key} has "
+                f"shape {tuple(value.shape)}, the config needs {tuple(current[key].shape)}"
+            )
     model.load_state_dict({k: v.to(current[k].device) for k, v in state.items()}, assign=True)
     model.eval()
     return model
