@@ -1,12 +1,18 @@
-"""Argument checks shared by the public functions: layers, windows, hook names."""
+"""Argument checks shared by the public functions: numbers, layers, windows, hook names.
+
+Arguments are checked, never coerced: an integer argument takes Python or numpy integers (not
+``bool``), a real one finite numbers, and anything else is refused with a message that names
+the argument and the value given.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from unlearnlens.errors import ConfigError, HookError, LayerError
 
@@ -15,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BLOCK_HOOKS",
+    "check_batch_size",
     "check_bool",
     "check_float",
     "check_int",
@@ -52,10 +59,27 @@ _ALIASES = {
 }
 
 
-def check_layers(
-    model: HookedTransformer, layers: int | Iterable[int] | None, *, what: str = "layer"
-) -> list[int]:
+def _is_integer(value: object) -> bool:
+    """Python, numpy or 0-d torch integers; never ``bool`` (nor a numpy or torch bool)."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, (int, np.integer)):
+        return True
+    return (
+        isinstance(value, torch.Tensor)
+        and value.ndim == 0
+        and not value.dtype.is_floating_point
+        and not value.dtype.is_complex
+        and value.dtype != torch.bool
+    )
+
+
+def check_layers(model: HookedTransformer, layers: object, *, what: str = "layer") -> list[int]:
     """Validates layer indices (negative ones count from the end); ``None`` means all layers.
+
+    A layer is a Python, numpy or 0-d torch integer; ``layers`` is one such integer or a
+    sequence (list, tuple, range, integer array) of them. Nothing is converted: ``1.7``,
+    ``"13"`` and ``True`` are refused rather than read as layers 1, 1 and 3, and 1.
 
     Raises:
         LayerError: A layer out of range, a non-integer layer, or an empty list.
@@ -63,32 +87,46 @@ def check_layers(
     n = model.cfg.n_layers
     if layers is None:
         return list(range(n))
-    if isinstance(layers, int):
-        layers = [layers]
+    if _is_integer(layers):
+        items: list[object] = [layers]
+    elif isinstance(layers, (str, bytes, Mapping, set, frozenset)) or not isinstance(
+        layers, Iterable
+    ):
+        raise LayerError(
+            f"{what}s must be an integer or a sequence of integers, got {layers!r} "
+            f"({type(layers).__name__})"
+        )
+    else:
+        items = list(layers)
     out: list[int] = []
-    for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            try:
-                layer = int(layer)  # numpy / torch integers
-            except (TypeError, ValueError):
-                raise LayerError(f"{what} {layer!r} is not an integer") from None
-        if not -n <= layer < n:
+    for layer in items:
+        if not _is_integer(layer):
+            raise LayerError(f"{what} {layer!r} is not an integer ({type(layer).__name__})")
+        index = int(layer)  # type: ignore[call-overload]
+        if not -n <= index < n:
             raise LayerError(
-                f"{what} {layer} is out of range for a model with {n} layers (valid: 0..{n - 1})"
+                f"{what} {index} is out of range for a model with {n} layers (valid: 0..{n - 1})"
             )
-        out.append(layer % n)
+        out.append(index % n)
     if not out:
         raise LayerError(f"no {what}s given")
     return out
 
 
-def check_window(window: int) -> int:
-    """A window must be a positive odd number of layers."""
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+def check_window(window: object) -> int:
+    """A window must be a positive odd number of layers (a Python or numpy integer)."""
+    if not _is_integer(window) or int(window) < 1 or int(window) % 2 == 0:  # type: ignore[call-overload]
         raise LayerError(
             f"window must be a positive odd number of layers (1, 3, 5, ...), got {window!r}"
         )
-    return window
+    return int(window)  # type: ignore[call-overload]
+
+
+def check_batch_size(batch_size: object, name: str = "batch_size") -> int | None:
+    """``None`` (the default size) or a positive integer; ``0``, floats and bools are refused."""
+    if batch_size is None:
+        return None
+    return check_int(batch_size, name, minimum=1)
 
 
 def window_layers(center: int, window: int, n_layers: int) -> list[int]:
@@ -144,9 +182,9 @@ def check_int(
     Returns:
         ``value`` as a Python ``int``.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not _is_integer(value):
         raise error(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    out = int(value)
+    out = int(value)  # type: ignore[call-overload]
     if minimum is not None and out < minimum:
         raise error(f"{name} must be >= {minimum}, got {out}")
     return out
@@ -174,13 +212,15 @@ def check_float(
     Returns:
         ``value`` as a Python ``float``.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
         raise error(f"{name} must be a number, got {value!r} ({type(value).__name__})")
     out = float(value)
     if not math.isfinite(out):
         raise error(f"{name} must be finite, got {out}")
     if positive and out <= 0:
-        raise error(f"{name} must be > 0, got {out}")
+        raise error(f"{name} must be a positive number, got {out}")
     if minimum is not None and out < minimum:
         raise error(f"{name} must be >= {minimum}, got {out}")
     if maximum is not None and out > maximum:

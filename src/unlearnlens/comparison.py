@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from unlearnlens._checks import check_layers
+from unlearnlens._checks import check_batch_size, check_int, check_layers
 from unlearnlens._guard import preserved
 from unlearnlens.coefficients import (
     capture,
@@ -387,8 +387,8 @@ def compare_coefficients(
     """
     _check_pair(base, unlearned)
     layer_list = check_layers(base, layers)
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ConfigError(f"top_k must be a positive integer, got {top_k!r}")
+    top_k = check_int(top_k, "top_k", minimum=1)
+    batch_size = check_batch_size(batch_size)
     ps = as_promptset(base, prompts)
     ps.check_fits(unlearned)
 

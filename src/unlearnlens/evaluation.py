@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from unlearnlens._checks import check_batch_size, check_int
 from unlearnlens._guard import preserved
 from unlearnlens._storage import read_json, write_json
 from unlearnlens.errors import ConfigError, FileFormatError, PromptError, UnlearnLensError
@@ -411,10 +412,8 @@ def evaluate(
         raise ConfigError(
             "nothing to evaluate: give at least one of forget, retain, unrelated or capability"
         )
-    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens!r}")
+    batch_size = check_batch_size(batch_size)
+    max_new_tokens = check_int(max_new_tokens, "max_new_tokens", minimum=1)
     names = list(models)
     first = models[names[0]]
     for name in names[1:]:
@@ -449,7 +448,7 @@ def evaluate(
                 "pip install 'unlearnlens[eval]' (or rouge-score)"
             ) from e
         scorer = rouge_scorer.RougeScorer(["rougeL"])
-    bs = batch_size or _DEFAULT_BATCH
+    bs = _DEFAULT_BATCH if batch_size is None else batch_size
 
     import pandas as pd
 

@@ -28,6 +28,7 @@ from unlearnlens._architectures import (
     architecture_name,
     unsupported,
 )
+from unlearnlens._checks import check_bool, check_int
 from unlearnlens._storage import (
     atomic_directory,
     check_writable,
@@ -443,10 +444,10 @@ def load_hf(
     """
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    if not isinstance(n_devices, int) or n_devices < 1:
-        raise ConfigError(f"n_devices must be a positive integer, got {n_devices!r}")
-    if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx < 1):
-        raise ConfigError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+    n_devices = check_int(n_devices, "n_devices", minimum=1)
+    if n_ctx is not None:
+        n_ctx = check_int(n_ctx, "n_ctx", minimum=1)
+    process_weights = check_bool(process_weights, "process_weights")
 
     if tokenizer is not None:  # the model gets its own: set_tokenizer changes padding_side
         tokenizer = copy.deepcopy(tokenizer)

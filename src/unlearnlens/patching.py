@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from unlearnlens._checks import check_layers, check_window, resolve_hooks, window_layers
+from unlearnlens._checks import (
+    check_batch_size,
+    check_layers,
+    check_window,
+    resolve_hooks,
+    window_layers,
+)
 from unlearnlens.errors import HookError, PromptError
 from unlearnlens.metrics import MetricLike, resolve_metric
 from unlearnlens.prompts import Prompts, PromptSet, as_promptset
@@ -119,6 +125,7 @@ def patch(
     hook_names = resolve_hooks(target, hooks)
     centres = check_layers(target, layers)
     window = check_window(window)
+    batch_size = check_batch_size(batch_size)
     bound = resolve_metric(metric)
     ps = prepare(source, target, prompts)
     n_layers = target.cfg.n_layers

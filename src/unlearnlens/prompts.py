@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from unlearnlens._checks import check_int
 from unlearnlens.errors import PromptError
 
 if TYPE_CHECKING:
@@ -247,8 +248,7 @@ class PromptSet:
         questions = list(questions)
         if not questions:
             raise PromptError("no prompts given: the list of questions is empty")
-        if max_new_tokens < 1:
-            raise PromptError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        max_new_tokens = check_int(max_new_tokens, "max_new_tokens", minimum=1, error=PromptError)
         texts = all(isinstance(q, str) for q in questions)
         if texts and model.tokenizer is None:
             raise PromptError(
@@ -431,8 +431,7 @@ class PromptSet:
 
     def batches(self, batch_size: int) -> Iterator[tuple[slice, PromptSet]]:
         """Yields ``(slice, chunk)`` pairs covering the set in order, each chunk trimmed."""
-        if batch_size < 1:
-            raise PromptError(f"batch_size must be at least 1, got {batch_size}")
+        batch_size = check_int(batch_size, "batch_size", minimum=1, error=PromptError)
         for start in range(0, len(self), batch_size):
             sl = slice(start, min(start + batch_size, len(self)))
             yield sl, self[sl]

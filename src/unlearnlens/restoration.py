@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 
-from unlearnlens._checks import check_layers, check_window, window_layers
+from unlearnlens._checks import check_batch_size, check_layers, check_window, window_layers
 from unlearnlens.components import TOP_LEVEL, resolve_components, select_parameters
 from unlearnlens.errors import ConfigError, IncompatibleModelsError
 from unlearnlens.metrics import MetricLike, resolve_metric
@@ -308,6 +308,7 @@ def restore_sweep(
         )
     names = resolve_components(unlearned, components)
     centres = check_layers(unlearned, layers)
+    batch_size = check_batch_size(batch_size)
     bound = resolve_metric(metric)
     ps = prepare(base, unlearned, prompts)
     n_layers = unlearned.cfg.n_layers

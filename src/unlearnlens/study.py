@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Literal
 
 from tqdm.auto import tqdm
 
-from unlearnlens._checks import check_window
+from unlearnlens._checks import check_batch_size, check_int, check_window
 from unlearnlens._guard import preserved
 from unlearnlens.errors import ConfigError, PromptError, UnlearnLensError
 from unlearnlens.prompts import PromptSet, as_promptset
@@ -208,6 +208,10 @@ def dissect(
     chosen = check_analyses(analyses)
     models = _unlearned_models(unlearned)
     window = check_window(window)
+    top_k = check_int(top_k, "top_k", minimum=1)
+    max_new_tokens = check_int(max_new_tokens, "max_new_tokens", minimum=1)
+    eval_max_new_tokens = check_int(eval_max_new_tokens, "eval_max_new_tokens", minimum=1)
+    batch_size = check_batch_size(batch_size)
     bound = resolve_metric(metric)
     if answers not in ("given", "model"):
         raise ConfigError(f"answers must be 'given' or 'model', got {answers!r}")
