@@ -23,9 +23,11 @@ __all__ = [
     "BLOCK_HOOKS",
     "check_batch_size",
     "check_bool",
+    "check_device",
     "check_float",
     "check_int",
     "check_layers",
+    "check_model",
     "check_window",
     "resolve_hooks",
     "window_layers",
@@ -148,7 +150,9 @@ def resolve_hooks(model: HookedTransformer, hooks: str | Iterable[str]) -> list[
     if not names:
         raise HookError("no hooks given")
     available = set(model.hook_dict)
-    valid = [h for h in BLOCK_HOOKS if f"blocks.0.{h}" in available]
+    valid = [
+        h for h in BLOCK_HOOKS if f"blocks.0.{h}" in available and _silent(model.cfg, h) is None
+    ]
     out: list[str] = []
     for name in names:
         if not isinstance(name, str):
@@ -159,9 +163,36 @@ def resolve_hooks(model: HookedTransformer, hooks: str | Iterable[str]) -> list[
                 f"unknown hook {name!r} for this model; valid hooks: {', '.join(valid)} "
                 f"(aliases: {', '.join(sorted(_ALIASES))})"
             )
+        reason = _silent(model.cfg, rel)
+        if reason is not None:
+            raise HookError(
+                f"hook {name!r} exists on this model but never fires: {reason}; hooks that "
+                f"fire: {', '.join(valid)}"
+            )
         if rel not in out:
             out.append(rel)
     return out
+
+
+def _silent(cfg: object, rel: str) -> str | None:
+    """Why the block hook ``rel`` never runs under this config, or ``None`` if it runs.
+
+    TransformerLens creates some hook points on every block but calls them only when a config
+    switch is on; patching or reading such a hook would silently do nothing.
+    """
+    if rel == "attn.hook_result" and not getattr(cfg, "use_attn_result", False):
+        return (
+            "TransformerLens computes per-head results only with cfg.use_attn_result=True "
+            "(call model.set_use_attn_result(True) first)"
+        )
+    if rel == "hook_resid_mid" and (
+        getattr(cfg, "attn_only", False) or getattr(cfg, "parallel_attn_mlp", False)
+    ):
+        return (
+            "the blocks of this model have no mid-block residual stream (attention-only or "
+            "parallel attention and MLP)"
+        )
+    return None
 
 
 def check_int(
@@ -226,6 +257,54 @@ def check_float(
     if maximum is not None and out > maximum:
         raise error(f"{name} must be <= {maximum}, got {out}")
     return out
+
+
+def check_model(model: object, name: str = "model") -> None:
+    """The argument is a ``HookedTransformer`` (not ``None``, a path or a Hugging Face model).
+
+    Raises:
+        ConfigError: Names the argument and what was given instead.
+    """
+    from transformer_lens import HookedTransformer
+
+    if not isinstance(model, HookedTransformer):
+        hint = (
+            "; convert a Hugging Face model or checkpoint with unlearnlens.load_hf"
+            if model is not None
+            else ""
+        )
+        raise ConfigError(
+            f"{name} must be a transformer_lens HookedTransformer, got {type(model).__name__}{hint}"
+        )
+
+
+def check_device(device: object, name: str = "device") -> torch.device | None:
+    """``None`` or a device that exists here: ``"cuda"`` needs CUDA, ``"cuda:3"`` a fourth GPU.
+
+    Raises:
+        ConfigError: Not a device name, or a device this machine lacks; names the argument.
+    """
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise ConfigError(f"{name} must be a device name such as 'cpu' or 'cuda', got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(
+            f"{name} {device!r} is not a device name (cpu, cuda, cuda:1, mps, ...)"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{name} {str(device)!r}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"{name} {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA "
+                "device(s)"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{name} {str(device)!r}: MPS is not available on this machine")
+    return dev
 
 
 def check_bool(value: object, name: str, *, error: type[Exception] = ConfigError) -> bool:

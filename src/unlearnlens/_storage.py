@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from unlearnlens.errors import FileFormatError
+from unlearnlens.errors import ConfigError, FileFormatError
 
 __all__ = [
     "atomic_directory",
@@ -121,27 +121,25 @@ def check_writable(directory: str | os.PathLike[str], *, what: str = "output fol
     ancestors that are files are all caught.
 
     Raises:
-        FileFormatError: ``directory`` is an existing file, an ancestor is a file, or the
-            folder cannot be written; names the path.
+        ConfigError: ``directory`` is an existing file, an ancestor is a file, or the folder
+            cannot be written; names the path.
     """
     directory = Path(directory).expanduser()
     if directory.exists() and not directory.is_dir():
-        raise FileFormatError(f"{what} {str(directory)!r} is an existing file, not a folder")
+        raise ConfigError(f"{what} {str(directory)!r} is an existing file, not a folder")
     probe = directory
     while not probe.exists():
         if probe.parent == probe:
             break
         probe = probe.parent
     if not probe.is_dir():
-        raise FileFormatError(
-            f"{what} {str(directory)!r} cannot be created: {str(probe)!r} is a file"
-        )
+        raise ConfigError(f"{what} {str(directory)!r} cannot be created: {str(probe)!r} is a file")
     try:
         fd, name = tempfile.mkstemp(prefix=".unlearnlens-probe.", dir=probe)
         os.close(fd)
         os.unlink(name)
     except OSError as exc:
-        raise FileFormatError(f"{what} {str(directory)!r} cannot be written: {exc}") from None
+        raise ConfigError(f"{what} {str(directory)!r} cannot be written: {exc}") from None
     return directory
 
 

@@ -28,7 +28,7 @@ from unlearnlens._architectures import (
     architecture_name,
     unsupported,
 )
-from unlearnlens._checks import check_bool, check_int
+from unlearnlens._checks import check_bool, check_device, check_int
 from unlearnlens._storage import (
     atomic_directory,
     check_writable,
@@ -49,6 +49,7 @@ __all__ = [
     "COMPATIBILITY_FIELDS",
     "SUPPORTED_ARCHITECTURES",
     "check_compatible",
+    "check_distinct",
     "load_hf",
     "load_model",
     "save_model",
@@ -176,6 +177,7 @@ def load_model(
     Raises:
         CheckpointError: The directory does not exist or does not hold a saved model.
     """
+    check_device(device)
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"no saved model at {str(directory)!r}: the directory does not exist")
@@ -444,6 +446,7 @@ def load_hf(
     """
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    check_device(device)
     n_devices = check_int(n_devices, "n_devices", minimum=1)
     if n_ctx is not None:
         n_ctx = check_int(n_ctx, "n_ctx", minimum=1)
@@ -564,6 +567,41 @@ def check_compatible(a: HookedTransformer, b: HookedTransformer) -> None:
         if va != vb:
             raise IncompatibleModelsError(f"models differ in {field}: {va!r} vs {vb!r}")
     _check_tokenizers(a.tokenizer, b.tokenizer)
+
+
+def check_distinct(
+    base: HookedTransformer,
+    unlearned: HookedTransformer,
+    *,
+    what: str = "unlearned model",
+    base_what: str = "base model",
+    why: str = "there is nothing to compare",
+) -> None:
+    """Checks that two models differ, before a comparison that needs them to.
+
+    The study's scores compare the unlearned model with the base model: KRS divides by their
+    difference and ``recovery`` by the difference of their scores, so with the same model twice
+    every score is undefined, which would otherwise surface only after all the forward passes.
+    The check is one pass over the parameters that stops at the first that differs (for an
+    unlearned model, usually the first one or two).
+
+    Raises:
+        IncompatibleModelsError: ``unlearned`` is ``base`` itself or has exactly its weights.
+    """
+    if base is unlearned:
+        raise IncompatibleModelsError(f"the {what} is the {base_what} itself: {why}")
+    pa, pb = dict(base.named_parameters()), dict(unlearned.named_parameters())
+    if pa.keys() != pb.keys():
+        return
+    with torch.no_grad():
+        for name, a in pa.items():
+            b = pb[name]
+            if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b.to(a.device)):
+                return
+    raise IncompatibleModelsError(
+        f"the {what} has exactly the {base_what}'s weights: {why} (was it saved before "
+        "training, or loaded from the base model's folder?)"
+    )
 
 
 def _check_tokenizers(ta: Any, tb: Any) -> None:

@@ -310,7 +310,7 @@ def restore_sweep(
     centres = check_layers(unlearned, layers)
     batch_size = check_batch_size(batch_size)
     bound = resolve_metric(metric)
-    ps = prepare(base, unlearned, prompts)
+    ps = prepare(base, unlearned, prompts, bound)
     n_layers = unlearned.cfg.n_layers
     windows = [_restored_layers(mode, c, window, n_layers) for c in centres]
     # Every check (models, shapes) once, before any work; each run then swaps its own subset.

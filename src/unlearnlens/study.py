@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Literal
 
 from tqdm.auto import tqdm
 
-from unlearnlens._checks import check_batch_size, check_int, check_window
+from unlearnlens._checks import check_batch_size, check_int, check_model, check_window
 from unlearnlens._guard import preserved
 from unlearnlens.errors import ConfigError, PromptError, UnlearnLensError
 from unlearnlens.prompts import PromptSet, as_promptset
@@ -102,9 +102,7 @@ def _unlearned_models(unlearned: object) -> dict[str, HookedTransformer]:
                 "'base' names the base model's row; call the unlearned model something else"
             )
         if not isinstance(m, HookedTransformer):
-            raise TypeError(
-                f"unlearned model {name!r} is a {type(m).__name__}, not a HookedTransformer"
-            )
+            check_model(m, f"unlearned model {name!r}")
         out[name] = m
     return out
 
@@ -201,11 +199,12 @@ def dissect(
     from unlearnlens.evaluation import evaluate
     from unlearnlens.lens import logit_lens
     from unlearnlens.metrics import resolve_metric
-    from unlearnlens.models import check_compatible
+    from unlearnlens.models import check_compatible, check_distinct
     from unlearnlens.patching import patch, patch_attention, patch_mlp_coefficients, patch_residual
     from unlearnlens.restoration import restore_sweep
 
     chosen = check_analyses(analyses)
+    check_model(base, "base")
     models = _unlearned_models(unlearned)
     window = check_window(window)
     top_k = check_int(top_k, "top_k", minimum=1)
@@ -218,6 +217,7 @@ def dissect(
     for name, m in models.items():
         try:
             check_compatible(base, m)
+            check_distinct(base, m, what=f"unlearned model {name!r}")
         except UnlearnLensError as e:
             raise type(e)(f"unlearned model {name!r} does not fit the base model: {e}") from e
     ps = _study_prompts(base, prompts, answers, max_new_tokens, "prompts")
