@@ -24,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from unlearnlens._checks import check_batch_size, check_layers
+from unlearnlens._finite import check_finite
 from unlearnlens._guard import preserved
 from unlearnlens.errors import PromptError
 from unlearnlens.prompts import Prompts, PromptSet, as_promptset
@@ -180,6 +181,7 @@ def _prepare(
     _check_positions(positions)
     layer_list = check_layers(model, layers)
     ps = as_promptset(model, prompts)
+    check_finite(model)
     return layer_list, ps, _select(ps, positions), [hook_post_name(layer) for layer in layer_list]
 
 

@@ -29,6 +29,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from unlearnlens._checks import check_batch_size, check_int, check_layers
+from unlearnlens._finite import check_finite
 from unlearnlens._guard import preserved
 from unlearnlens.coefficients import (
     capture,
@@ -144,6 +145,7 @@ def neuron_logit_contributions(
     """
     layer_list = check_layers(model, layers)
     ps = as_promptset(model, prompts)
+    check_finite(model)
     names = [hook_post_name(layer) for layer in layer_list] + [_final_norm_name(model)]
     out: list[Tensor] = []
     with preserved(model):
@@ -346,6 +348,8 @@ def _check_pair(base: HookedTransformer, unlearned: HookedTransformer) -> None:
     from unlearnlens.models import check_compatible
 
     check_compatible(base, unlearned)
+    check_finite(base, "base model")
+    check_finite(unlearned, "unlearned model")
 
 
 def compare_coefficients(

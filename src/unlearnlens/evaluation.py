@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unlearnlens._checks import check_batch_size, check_int
+from unlearnlens._finite import check_finite
 from unlearnlens._guard import preserved
 from unlearnlens._storage import read_json, write_json
 from unlearnlens.errors import ConfigError, FileFormatError, PromptError, UnlearnLensError
@@ -415,6 +416,8 @@ def evaluate(
     batch_size = check_batch_size(batch_size)
     max_new_tokens = check_int(max_new_tokens, "max_new_tokens", minimum=1)
     names = list(models)
+    for name, m in models.items():
+        check_finite(m, f"model {name!r}")
     first = models[names[0]]
     for name in names[1:]:
         try:

@@ -21,6 +21,7 @@ from unlearnlens._checks import (
     resolve_hooks,
     window_layers,
 )
+from unlearnlens._finite import check_finite
 from unlearnlens.errors import HookError, PromptError
 from unlearnlens.metrics import MetricLike, resolve_metric
 from unlearnlens.prompts import Prompts, PromptSet, as_promptset
@@ -52,6 +53,8 @@ def prepare(
     from unlearnlens.models import check_compatible, check_distinct
 
     check_compatible(source, target)
+    check_finite(source, "source model")
+    check_finite(target, "target model")
     if metric is not None and (metric.uses_references or metric.normalized):
         check_distinct(
             source,

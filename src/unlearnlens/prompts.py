@@ -20,6 +20,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from unlearnlens._checks import check_int
+from unlearnlens._finite import check_finite
 from unlearnlens.errors import PromptError
 
 if TYPE_CHECKING:
@@ -272,6 +273,8 @@ class PromptSet:
                 )
         eos = model.tokenizer.eos_token_id if model.tokenizer is not None else None
         from unlearnlens._generate import greedy_continuations
+
+        check_finite(model)
 
         a_ids = greedy_continuations(model, p_ids, max_new_tokens=max_new_tokens, eos_token_id=eos)
         for i, a in enumerate(a_ids):

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Literal
 from tqdm.auto import tqdm
 
 from unlearnlens._checks import check_batch_size, check_int, check_model, check_window
+from unlearnlens._finite import check_finite
 from unlearnlens._guard import preserved
 from unlearnlens.errors import ConfigError, PromptError, UnlearnLensError
 from unlearnlens.prompts import PromptSet, as_promptset
@@ -217,9 +218,11 @@ def dissect(
     for name, m in models.items():
         try:
             check_compatible(base, m)
-            check_distinct(base, m, what=f"unlearned model {name!r}")
         except UnlearnLensError as e:
             raise type(e)(f"unlearned model {name!r} does not fit the base model: {e}") from e
+        check_distinct(base, m, what=f"unlearned model {name!r}")
+        check_finite(m, f"unlearned model {name!r}")
+    check_finite(base, "base model")
     ps = _study_prompts(base, prompts, answers, max_new_tokens, "prompts")
     unrel = (  # only the behaviour test reads them
         None
