@@ -29,6 +29,7 @@ __all__ = [
     "check_layers",
     "check_model",
     "check_window",
+    "is_integer",
     "resolve_hooks",
     "window_layers",
 ]
@@ -61,7 +62,7 @@ _ALIASES = {
 }
 
 
-def _is_integer(value: object) -> bool:
+def is_integer(value: object) -> bool:
     """Python, numpy or 0-d torch integers; never ``bool`` (nor a numpy or torch bool)."""
     if isinstance(value, (bool, np.bool_)):
         return False
@@ -89,7 +90,7 @@ def check_layers(model: HookedTransformer, layers: object, *, what: str = "layer
     n = model.cfg.n_layers
     if layers is None:
         return list(range(n))
-    if _is_integer(layers):
+    if is_integer(layers):
         items: list[object] = [layers]
     elif isinstance(layers, (str, bytes, Mapping, set, frozenset)) or not isinstance(
         layers, Iterable
@@ -102,7 +103,7 @@ def check_layers(model: HookedTransformer, layers: object, *, what: str = "layer
         items = list(layers)
     out: list[int] = []
     for layer in items:
-        if not _is_integer(layer):
+        if not is_integer(layer):
             raise LayerError(f"{what} {layer!r} is not an integer ({type(layer).__name__})")
         index = int(layer)  # type: ignore[call-overload]
         if not -n <= index < n:
@@ -117,7 +118,7 @@ def check_layers(model: HookedTransformer, layers: object, *, what: str = "layer
 
 def check_window(window: object) -> int:
     """A window must be a positive odd number of layers (a Python or numpy integer)."""
-    if not _is_integer(window) or int(window) < 1 or int(window) % 2 == 0:  # type: ignore[call-overload]
+    if not is_integer(window) or int(window) < 1 or int(window) % 2 == 0:  # type: ignore[call-overload]
         raise LayerError(
             f"window must be a positive odd number of layers (1, 3, 5, ...), got {window!r}"
         )
@@ -213,7 +214,7 @@ def check_int(
     Returns:
         ``value`` as a Python ``int``.
     """
-    if not _is_integer(value):
+    if not is_integer(value):
         raise error(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     out = int(value)  # type: ignore[call-overload]
     if minimum is not None and out < minimum:
