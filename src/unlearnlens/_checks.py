@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from unlearnlens.errors import ConfigError, HookError, LayerError
+from unlearnlens.errors import ComponentError, ConfigError, HookError, LayerError
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -25,6 +25,7 @@ __all__ = [
     "check_bool",
     "check_device",
     "check_float",
+    "check_has_mlp",
     "check_int",
     "check_layers",
     "check_model",
@@ -186,6 +187,10 @@ def _silent(cfg: object, rel: str) -> str | None:
             "TransformerLens computes per-head results only with cfg.use_attn_result=True "
             "(call model.set_use_attn_result(True) first)"
         )
+    if getattr(cfg, "attn_only", False) and (
+        rel in ("hook_mlp_out", "ln2.hook_normalized") or rel.startswith("mlp.")
+    ):
+        return "this model is attention-only (cfg.attn_only=True): its blocks have no MLP"
     if rel == "hook_resid_mid" and (
         getattr(cfg, "attn_only", False) or getattr(cfg, "parallel_attn_mlp", False)
     ):
@@ -258,6 +263,24 @@ def check_float(
     if maximum is not None and out > maximum:
         raise error(f"{name} must be <= {maximum}, got {out}")
     return out
+
+
+def check_has_mlp(model: HookedTransformer, what: str) -> None:
+    """Refuses an attention-only model for an analysis of MLP neurons.
+
+    Args:
+        model: The model.
+        what: The analysis, for the message (``"compare_coefficients"``).
+
+    Raises:
+        ComponentError: ``model.cfg.attn_only`` is set: its blocks have no MLP, so no MLP
+            coefficients, value vectors or neurons.
+    """
+    if getattr(model.cfg, "attn_only", False):
+        raise ComponentError(
+            f"{what} needs MLP neurons, and this model is attention-only (cfg.attn_only=True): "
+            "its blocks have no MLP; use the attention or residual analyses instead"
+        )
 
 
 def check_model(model: object, name: str = "model") -> None:

@@ -23,7 +23,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from unlearnlens._checks import check_batch_size, check_layers
+from unlearnlens._checks import check_batch_size, check_has_mlp, check_layers
 from unlearnlens._finite import check_finite
 from unlearnlens._guard import preserved
 from unlearnlens.errors import PromptError
@@ -179,6 +179,7 @@ def _prepare(
 ) -> tuple[list[int], PromptSet, PositionSelection, list[str]]:
     """Checks the arguments; returns layers, prompts, positions and hook names to read."""
     _check_positions(positions)
+    check_has_mlp(model, "reading MLP coefficients")
     layer_list = check_layers(model, layers)
     ps = as_promptset(model, prompts)
     check_finite(model)

@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from unlearnlens._checks import check_batch_size, check_int, check_layers
+from unlearnlens._checks import check_batch_size, check_has_mlp, check_int, check_layers
 from unlearnlens._finite import check_finite
 from unlearnlens._guard import preserved
 from unlearnlens.coefficients import (
@@ -143,6 +143,7 @@ def neuron_logit_contributions(
         LayerError: A layer out of range.
         PromptError: Bad prompts.
     """
+    check_has_mlp(model, "neuron_logit_contributions")
     layer_list = check_layers(model, layers)
     ps = as_promptset(model, prompts)
     check_finite(model)
@@ -390,6 +391,7 @@ def compare_coefficients(
         PromptError: Bad prompts.
     """
     _check_pair(base, unlearned)
+    check_has_mlp(base, "compare_coefficients")
     layer_list = check_layers(base, layers)
     top_k = check_int(top_k, "top_k", minimum=1)
     batch_size = check_batch_size(batch_size)

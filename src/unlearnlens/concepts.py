@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from unlearnlens._checks import check_int, check_layers
+from unlearnlens._checks import check_has_mlp, check_int, check_layers
 from unlearnlens.errors import ConfigError, LayerError, PromptError
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ __all__ = [
 
 
 def _check_neuron(model: HookedTransformer, layer: int, neuron: int) -> tuple[int, int]:
+    check_has_mlp(model, "an MLP neuron's value vector")
     (layer,) = check_layers(model, [layer])
     neuron = check_int(neuron, "neuron", error=LayerError)
     d_mlp = model.cfg.d_mlp
@@ -199,6 +200,7 @@ def locate_concept_vectors(
     if not words:
         raise PromptError("no concept words given")
     word_ids = [_word_tokens(model, w) for w in words]
+    check_has_mlp(model, "locate_concept_vectors")
     layer_list = check_layers(model, layers)
     top_k = _check_k(top_k, len(layer_list) * model.cfg.d_mlp, "top_k")
 

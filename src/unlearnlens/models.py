@@ -483,7 +483,8 @@ def load_hf(
     from the hub). Only a string that is clearly a hub id goes to ``transformers`` as one (see
     :func:`hub_id`: ``org/name`` with nothing of it present locally); anything that looks like
     a path (``./x``, ``~/x``, ``a/b/c``, a backslash, or an ``org/`` folder that exists here)
-    fails locally with a :class:`CheckpointError`, without a network look-up. No official-model-name table is consulted: the configuration is built from
+    fails locally with a :class:`CheckpointError`, without a network look-up.
+    No official-model-name table is consulted: the configuration is built from
     the checkpoint's own config, per architecture (see :data:`SUPPORTED_ARCHITECTURES`), and the
     weights go through TransformerLens's own converters.
 

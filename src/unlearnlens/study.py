@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from unlearnlens._checks import check_batch_size, check_int, check_model, check_window
 from unlearnlens._finite import check_finite
 from unlearnlens._guard import preserved
-from unlearnlens.errors import ConfigError, PromptError, UnlearnLensError
+from unlearnlens.errors import ComponentError, ConfigError, PromptError, UnlearnLensError
 from unlearnlens.prompts import PromptSet, as_promptset
 from unlearnlens.results import SweepResult, json_ready
 
@@ -64,6 +64,8 @@ Prompts = PromptSet | Sequence[tuple[str, str]] | Sequence[str]
 
 
 # ------------------------------------------------------------------------------ dissect
+
+_MLP_ANALYSES = ("patch_mlp", "patch_mlp_attn", "restore_w_out", "restore_mlp", "coefficients")
 
 
 def check_analyses(analyses: Sequence[str] | str | None) -> tuple[str, ...]:
@@ -206,6 +208,12 @@ def dissect(
 
     chosen = check_analyses(analyses)
     check_model(base, "base")
+    needs_mlp = [a for a in chosen if a in _MLP_ANALYSES]
+    if needs_mlp and getattr(base.cfg, "attn_only", False):
+        raise ComponentError(
+            f"the base model is attention-only (cfg.attn_only=True), so the analyses "
+            f"{', '.join(needs_mlp)} (which read MLPs) cannot run; pass analyses= without them"
+        )
     models = _unlearned_models(unlearned)
     window = check_window(window)
     top_k = check_int(top_k, "top_k", minimum=1)
