@@ -22,11 +22,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from unlearnlens.errors import FileFormatError
+from unlearnlens.errors import ConfigError, FileFormatError
 
 __all__ = [
     "atomic_directory",
     "atomic_file",
+    "check_writable",
     "read_json",
     "read_safetensors",
     "read_safetensors_metadata",
@@ -57,35 +58,89 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_directory(directory: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_directory(
+    directory: str | os.PathLike[str], *, keep_others: bool = False
+) -> Iterator[Path]:
     """Yields a fresh temporary folder beside ``directory``; on a clean exit it becomes it.
 
     An existing ``directory`` is moved aside first and deleted only after the new folder is in
-    place, so at every moment either the old or the new contents exist in full. On any
-    exception the temporary folder is removed and ``directory`` is left untouched.
+    place. On any exception (while writing or while swapping) the temporary folder is removed
+    and ``directory`` is left as it was, every file included.
+
+    Args:
+        directory: The folder to write.
+        keep_others: Keep the entries of an existing ``directory`` that the new contents do not
+            replace (a user's own files in a report folder). They are moved, not copied, into
+            the new folder, and moved back if the swap fails.
     """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileFormatError(f"{str(directory)!r} exists and is not a folder")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
         yield tmp
         if directory.exists():
-            old = Path(
-                tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent)
-            )
-            os.replace(directory, old / "x")
-            try:
-                os.replace(tmp, directory)
-            except BaseException:
-                os.replace(old / "x", directory)
-                raise
-            finally:
-                shutil.rmtree(old, ignore_errors=True)
+            _swap(directory, tmp, keep_others=keep_others)
         else:
             os.replace(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap(directory: Path, new: Path, *, keep_others: bool) -> None:
+    """Puts the complete folder ``new`` in the place of ``directory``, or changes nothing."""
+    aside = Path(
+        tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent)
+    )
+    old = aside / "old"
+    os.replace(directory, old)
+    moved: list[str] = []
+    try:
+        if keep_others:
+            for entry in sorted(os.listdir(old)):
+                if not (new / entry).exists() and not os.path.islink(new / entry):
+                    os.replace(old / entry, new / entry)
+                    moved.append(entry)
+        os.replace(new, directory)
+    except BaseException:
+        for entry in moved:
+            os.replace(new / entry, old / entry)
+        os.replace(old, directory)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def check_writable(directory: str | os.PathLike[str], *, what: str = "output folder") -> Path:
+    """Checks, before any work, that a folder can be created (or written) at ``directory``.
+
+    The nearest existing ancestor must be a folder in which a file can be created; a
+    probe file is created there and removed at once, so permissions, read-only mounts and
+    ancestors that are files are all caught.
+
+    Raises:
+        ConfigError: ``directory`` is an existing file, an ancestor is a file, or the folder
+            cannot be written; names the path.
+    """
+    directory = Path(directory).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"{what} {str(directory)!r} is an existing file, not a folder")
+    probe = directory
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{what} {str(directory)!r} cannot be created: {str(probe)!r} is a file")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".unlearnlens-probe.", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise ConfigError(f"{what} {str(directory)!r} cannot be written: {exc}") from None
+    return directory
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:

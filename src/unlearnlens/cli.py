@@ -23,13 +23,14 @@ Bad input ends the command with exit status 2 and one line on stderr,
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from unlearnlens.errors import ConfigError, UnlearnLensError
+from unlearnlens._checks import check_batch_size, check_device, check_float, check_int
+from unlearnlens._storage import check_writable, read_json
+from unlearnlens.errors import CheckpointError, ConfigError, FileFormatError, UnlearnLensError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -100,18 +101,14 @@ def read_train_file(path: str | Path) -> list[Any]:
     without blank lines has one text per line.
 
     Raises:
-        FileNotFoundError: The file does not exist.
+        FileFormatError: The file does not exist, is not UTF-8 text, or is not valid JSON.
         ConfigError: The file holds nothing, or JSON of another shape.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no such file: {str(path)!r}")
-    text = path.read_text(encoding="utf-8")
+        raise FileFormatError(f"training file {str(path)!r} does not exist")
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from e
+        data = read_json(path, what="training file")
         if not isinstance(data, list) or not data:
             raise ConfigError(
                 f"{path} must hold a non-empty JSON list of [question, answer] pairs or texts"
@@ -129,6 +126,10 @@ def read_train_file(path: str | Path) -> list[Any]:
                 )
             pairs.append((item[0], item[1]))
         return pairs
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FileFormatError(f"cannot read training file {str(path)!r}: {exc}") from None
     if any(not line.strip() for line in text.strip().splitlines()):
         chunks = [" ".join(p.split("\n")).strip() for p in text.split("\n\n")]
     else:
@@ -194,8 +195,8 @@ def _print_study(study: Any, index: Path, started: float) -> None:
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
-    if args.threads < 1:
-        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+    check_int(args.threads, "--threads", minimum=1)
+    check_writable(args.out, what="--out")
     # The toy models are small (width 128): extra intra-op threads barely speed them up, and on
     # a busy machine they slow every small operation down many times over.
     threads = torch.get_num_threads()
@@ -276,15 +277,22 @@ def _dissect(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     analyses = check_analyses(args.analyses)
     check_window(args.window)
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    check_int(args.max_new_tokens, "--max-new-tokens", minimum=1)
+    check_batch_size(args.batch_size, "--batch-size")
+    check_device(args.device, "--device")
     paths = _parse_unlearned(args.unlearned)
     for label, p in [
         ("--base", Path(args.base)),
         *[(f"--unlearned {n}", p) for n, p in paths.items()],
     ]:
         if not p.is_dir():
-            raise FileNotFoundError(f"{label}: no model directory at {str(p)!r}")
+            raise CheckpointError(f"{label}: no model directory at {str(p)!r}")
+    for name, p in paths.items():
+        if Path(p).resolve() == Path(args.base).resolve():
+            raise ConfigError(
+                f"--unlearned {name}={p} is the --base folder itself; pass the unlearned model"
+            )
+    check_writable(args.out, what="--out")
     concepts = load_conceptvectors(args.concepts)
     if args.concept is None:
         concept = concepts[0]
@@ -329,6 +337,12 @@ def _unlearn(args: argparse.Namespace) -> int:
     from unlearnlens.trainers import get_method, unlearn
 
     get_method(args.method)  # an unknown method fails before anything loads
+    if args.steps is not None:
+        check_int(args.steps, "--steps", minimum=1)
+    if args.lr is not None:
+        check_float(args.lr, "--lr", positive=True)
+    check_device(args.device, "--device")
+    check_writable(args.out, what="--out")
     forget = read_train_file(args.forget)
     retain = None if args.retain is None else read_train_file(args.retain)
     model = load_any(args.model, device=args.device, dtype=args.dtype)
@@ -429,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except SystemExit as e:  # --help
         return int(e.code or 0)
-    except (_UsageError, UnlearnLensError, ValueError, FileNotFoundError, ImportError) as e:
+    except (_UsageError, UnlearnLensError, ValueError, OSError, ImportError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"unlearnlens: error: {message}", file=sys.stderr)
         return 2

@@ -23,9 +23,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from unlearnlens._checks import check_layers
+from unlearnlens._checks import check_batch_size, check_has_mlp, check_layers
+from unlearnlens._finite import check_finite
 from unlearnlens._guard import preserved
-from unlearnlens.errors import ConfigError, PromptError
+from unlearnlens.errors import PromptError
 from unlearnlens.prompts import Prompts, PromptSet, as_promptset
 
 if TYPE_CHECKING:
@@ -156,8 +157,7 @@ def capture(
 def prompt_batches(
     prompts: PromptSet, batch_size: int | None, progress: bool, desc: str
 ) -> Iterator[tuple[slice, PromptSet]]:
-    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
-        raise ConfigError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    batch_size = check_batch_size(batch_size)
     size = len(prompts) if batch_size is None else batch_size
     chunks = list(prompts.batches(size))
     yield from tqdm(chunks, desc=desc, disable=not progress or len(chunks) < 2)
@@ -179,8 +179,10 @@ def _prepare(
 ) -> tuple[list[int], PromptSet, PositionSelection, list[str]]:
     """Checks the arguments; returns layers, prompts, positions and hook names to read."""
     _check_positions(positions)
+    check_has_mlp(model, "reading MLP coefficients")
     layer_list = check_layers(model, layers)
     ps = as_promptset(model, prompts)
+    check_finite(model)
     return layer_list, ps, _select(ps, positions), [hook_post_name(layer) for layer in layer_list]
 
 

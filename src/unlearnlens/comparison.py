@@ -28,7 +28,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from unlearnlens._checks import check_layers
+from unlearnlens._checks import check_batch_size, check_has_mlp, check_int, check_layers
+from unlearnlens._finite import check_finite
 from unlearnlens._guard import preserved
 from unlearnlens.coefficients import (
     capture,
@@ -142,8 +143,10 @@ def neuron_logit_contributions(
         LayerError: A layer out of range.
         PromptError: Bad prompts.
     """
+    check_has_mlp(model, "neuron_logit_contributions")
     layer_list = check_layers(model, layers)
     ps = as_promptset(model, prompts)
+    check_finite(model)
     names = [hook_post_name(layer) for layer in layer_list] + [_final_norm_name(model)]
     out: list[Tensor] = []
     with preserved(model):
@@ -346,6 +349,8 @@ def _check_pair(base: HookedTransformer, unlearned: HookedTransformer) -> None:
     from unlearnlens.models import check_compatible
 
     check_compatible(base, unlearned)
+    check_finite(base, "base model")
+    check_finite(unlearned, "unlearned model")
 
 
 def compare_coefficients(
@@ -386,9 +391,10 @@ def compare_coefficients(
         PromptError: Bad prompts.
     """
     _check_pair(base, unlearned)
+    check_has_mlp(base, "compare_coefficients")
     layer_list = check_layers(base, layers)
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ConfigError(f"top_k must be a positive integer, got {top_k!r}")
+    top_k = check_int(top_k, "top_k", minimum=1)
+    batch_size = check_batch_size(batch_size)
     ps = as_promptset(base, prompts)
     ps.check_fits(unlearned)
 

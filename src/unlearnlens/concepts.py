@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from unlearnlens._checks import check_layers
+from unlearnlens._checks import check_has_mlp, check_int, check_layers
 from unlearnlens.errors import ConfigError, LayerError, PromptError
 
 if TYPE_CHECKING:
@@ -43,13 +43,9 @@ __all__ = [
 
 
 def _check_neuron(model: HookedTransformer, layer: int, neuron: int) -> tuple[int, int]:
+    check_has_mlp(model, "an MLP neuron's value vector")
     (layer,) = check_layers(model, [layer])
-    if isinstance(neuron, bool):
-        raise LayerError(f"neuron {neuron!r} is not an integer")
-    try:
-        neuron = int(neuron)
-    except (TypeError, ValueError):
-        raise LayerError(f"neuron {neuron!r} is not an integer") from None
+    neuron = check_int(neuron, "neuron", error=LayerError)
     d_mlp = model.cfg.d_mlp
     if not 0 <= neuron < d_mlp:
         raise LayerError(
@@ -60,9 +56,7 @@ def _check_neuron(model: HookedTransformer, layer: int, neuron: int) -> tuple[in
 
 
 def _check_k(k: int, d_vocab: int, what: str = "k") -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"{what} must be a positive integer, got {k!r}")
-    return min(k, d_vocab)
+    return min(check_int(k, what, minimum=1), d_vocab)
 
 
 def _token_str(model: HookedTransformer, token: int) -> str:
@@ -206,6 +200,7 @@ def locate_concept_vectors(
     if not words:
         raise PromptError("no concept words given")
     word_ids = [_word_tokens(model, w) for w in words]
+    check_has_mlp(model, "locate_concept_vectors")
     layer_list = check_layers(model, layers)
     top_k = _check_k(top_k, len(layer_list) * model.cfg.d_mlp, "top_k")
 

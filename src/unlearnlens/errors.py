@@ -18,6 +18,7 @@ __all__ = [
     "LayerError",
     "MetricError",
     "NonFiniteLossError",
+    "NonFiniteModelError",
     "PromptError",
     "UnknownMethodError",
     "UnlearnLensError",
@@ -75,3 +76,15 @@ class NonFiniteLossError(UnlearnLensError, FloatingPointError):
 
 class FileFormatError(UnlearnLensError, ValueError):
     """A file that is missing, truncated, corrupt or not in the expected format; names the file."""
+
+
+class NonFiniteModelError(UnlearnLensError, FloatingPointError):
+    """A model whose parameters hold NaN or infinite values; names the first such parameter.
+
+    Attributes:
+        parameter: The name of the first non-finite parameter (TransformerLens's name).
+    """
+
+    def __init__(self, message: str, *, parameter: str | None = None) -> None:
+        super().__init__(message)
+        self.parameter = parameter

@@ -19,7 +19,6 @@ per score (``forget/accuracy``, ``unrelated/rouge_l``, ``capability/perplexity``
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,8 +28,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from unlearnlens._checks import check_batch_size, check_int
+from unlearnlens._finite import check_finite
 from unlearnlens._guard import preserved
-from unlearnlens.errors import ConfigError, PromptError, UnlearnLensError
+from unlearnlens._storage import read_json, write_json
+from unlearnlens.errors import ConfigError, FileFormatError, PromptError, UnlearnLensError
 from unlearnlens.metrics import accuracy, answer_logprob, answer_prob
 from unlearnlens.prompts import PromptSet, as_promptset
 from unlearnlens.runner import target_logits
@@ -133,22 +135,21 @@ class Evaluation:
 
     def save(self, path: str | Path) -> Path:
         """Writes the evaluation as one JSON file; returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json_dict(), indent=1))
-        return path
+        return write_json(path, self.to_json_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Evaluation:
         """Reads a file written by :meth:`save`.
 
         Raises:
-            UnlearnLensError: The file is missing or not a saved evaluation.
+            FileFormatError: The file is missing, truncated, corrupt or not a saved
+                evaluation; names the file.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise UnlearnLensError(f"no saved Evaluation at {path}")
-        return cls.from_json_dict(json.loads(path.read_text()))
+        data = read_json(path, what="saved Evaluation")
+        try:
+            return cls.from_json_dict(data)
+        except (UnlearnLensError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise FileFormatError(f"{str(path)!r} is not a saved Evaluation: {exc}") from None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Evaluation):
@@ -412,11 +413,11 @@ def evaluate(
         raise ConfigError(
             "nothing to evaluate: give at least one of forget, retain, unrelated or capability"
         )
-    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens!r}")
+    batch_size = check_batch_size(batch_size)
+    max_new_tokens = check_int(max_new_tokens, "max_new_tokens", minimum=1)
     names = list(models)
+    for name, m in models.items():
+        check_finite(m, f"model {name!r}")
     first = models[names[0]]
     for name in names[1:]:
         try:
@@ -450,7 +451,7 @@ def evaluate(
                 "pip install 'unlearnlens[eval]' (or rouge-score)"
             ) from e
         scorer = rouge_scorer.RougeScorer(["rougeL"])
-    bs = batch_size or _DEFAULT_BATCH
+    bs = _DEFAULT_BATCH if batch_size is None else batch_size
 
     import pandas as pd
 

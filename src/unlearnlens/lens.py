@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from unlearnlens._checks import check_layers, resolve_hooks
+from unlearnlens._finite import check_finite
 from unlearnlens._guard import preserved
 from unlearnlens.coefficients import capture, prompt_batches
 from unlearnlens.errors import MetricError, PromptError
@@ -106,6 +107,7 @@ def logit_lens(
         PromptError: Bad prompts.
     """
     ps = as_promptset(model, prompts)
+    check_finite(model)
     logp, rank, acc = _lens(model, ps, batch_size, progress)
     own = float(logp[-1].mean())
     return SweepResult(
@@ -163,6 +165,8 @@ def logit_lens_compare(
     from unlearnlens.models import check_compatible
 
     check_compatible(base, unlearned)
+    check_finite(base, "base model")
+    check_finite(unlearned, "unlearned model")
     ps = as_promptset(base, prompts)
     ps.check_fits(unlearned)
     rows = [_lens(m, ps, batch_size, progress) for m in (base, unlearned)]
@@ -294,6 +298,7 @@ def attribution_patch(
             f"positions must be one of {', '.join(repr(p) for p in _POSITIONS)}; got {positions!r}"
         )
     hook_names = resolve_hooks(target, hooks)
+    resolve_hooks(source, hooks)
     layer_list = check_layers(target, layers)
     if metric == "accuracy":
         raise MetricError(
@@ -303,6 +308,8 @@ def attribution_patch(
         )
     bound = resolve_metric(metric)
     check_compatible(source, target)
+    check_finite(source, "source model")
+    check_finite(target, "target model")
     ps = as_promptset(target, prompts)
     ps.check_fits(source)
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.utilities.tokenize_utils import get_tokenizer_with_bos
 
@@ -29,9 +28,19 @@ from unlearnlens._architectures import (
     architecture_name,
     unsupported,
 )
+from unlearnlens._checks import check_bool, check_device, check_int
+from unlearnlens._storage import (
+    atomic_directory,
+    check_writable,
+    read_json,
+    read_safetensors,
+    write_safetensors,
+    write_text,
+)
 from unlearnlens.errors import (
     CheckpointError,
     ConfigError,
+    FileFormatError,
     IncompatibleModelsError,
     UnsupportedArchitectureError,
 )
@@ -40,6 +49,8 @@ __all__ = [
     "COMPATIBILITY_FIELDS",
     "SUPPORTED_ARCHITECTURES",
     "check_compatible",
+    "check_distinct",
+    "hub_id",
     "load_hf",
     "load_model",
     "save_model",
@@ -114,8 +125,9 @@ def save_model(model: HookedTransformer, directory: str | Path) -> Path:
 
     Args:
         model: The model to save.
-        directory: Where to save it; created if missing. Files of an earlier save there are
-            overwritten.
+        directory: Where to save it; created if missing. Everything is written to a
+            temporary folder and swapped in once complete, so a failed save leaves an earlier
+            save there as it was; other files in the folder are kept.
 
     Returns:
         The directory, as a ``Path``.
@@ -125,14 +137,12 @@ def save_model(model: HookedTransformer, directory: str | Path) -> Path:
     """
     if not isinstance(model, HookedTransformer):
         raise TypeError(f"save_model expects a HookedTransformer, got {type(model).__name__}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = check_writable(directory, what="model folder")
     # contiguous CPU copies: safetensors refuses shared or non-contiguous storage
     tensors = {
         name: tensor.detach().to("cpu").contiguous().clone()
         for name, tensor in model.state_dict().items()
     }
-    save_file(tensors, str(directory / _WEIGHTS_FILE), metadata={"format": _FORMAT})
     payload = {
         "format": _FORMAT,
         "format_version": _FORMAT_VERSION,
@@ -140,9 +150,11 @@ def save_model(model: HookedTransformer, directory: str | Path) -> Path:
         "has_tokenizer": model.tokenizer is not None,
         "padding_side": getattr(model.tokenizer, "padding_side", None),
     }
-    (directory / _CONFIG_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True))
-    if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(str(directory / _TOKENIZER_DIR))
+    with atomic_directory(directory, keep_others=True) as tmp:
+        write_safetensors(tmp / _WEIGHTS_FILE, tensors, metadata={"format": _FORMAT})
+        write_text(tmp / _CONFIG_FILE, json.dumps(payload, indent=2, sort_keys=True))
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(str(tmp / _TOKENIZER_DIR))
     return directory
 
 
@@ -166,6 +178,7 @@ def load_model(
     Raises:
         CheckpointError: The directory does not exist or does not hold a saved model.
     """
+    check_device(device)
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"no saved model at {str(directory)!r}: the directory does not exist")
@@ -177,10 +190,14 @@ def load_model(
             f"missing {', '.join(missing)}"
         )
     try:
-        payload = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{str(config_path)!r} is not valid JSON: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        payload = read_json(config_path, what="saved model config")
+    except FileFormatError as exc:
+        raise CheckpointError(str(exc)) from None
+    if (
+        not isinstance(payload, dict)
+        or payload.get("format") != _FORMAT
+        or not isinstance(payload.get("config"), dict)
+    ):
         raise CheckpointError(
             f"{str(config_path)!r} is not a model config written by unlearnlens.save_model"
         )
@@ -192,7 +209,12 @@ def load_model(
         cfg_dict["n_devices"] = 1
     # n_params is derived in __post_init__; passing it back is harmless but not needed
     cfg_dict.pop("n_params", None)
-    cfg = HookedTransformerConfig.from_dict(cfg_dict)
+    try:
+        cfg = HookedTransformerConfig.from_dict(cfg_dict)
+    except (TypeError, ValueError, KeyError, AssertionError) as exc:
+        raise CheckpointError(
+            f"{str(config_path)!r} does not hold a valid model config: {type(exc).__name__}: {exc}"
+        ) from None
 
     tokenizer = None
     if payload.get("has_tokenizer"):
@@ -201,14 +223,22 @@ def load_model(
         tok_dir = directory / _TOKENIZER_DIR
         if not tok_dir.is_dir():
             raise CheckpointError(f"saved model at {str(directory)!r} lacks its tokenizer folder")
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"cannot read the tokenizer in {str(tok_dir)!r} (truncated or corrupt?): {exc}"
+            ) from None
     padding_side = payload.get("padding_side") or "right"
     model = HookedTransformer(
         cfg, tokenizer=tokenizer, default_padding_side=padding_side if tokenizer else None
     )
     for key, value in restore.items():
         setattr(model.cfg, key, value)
-    state = load_file(str(weights_path))
+    try:
+        state = read_safetensors(weights_path, what="saved model weights")
+    except FileFormatError as exc:
+        raise CheckpointError(str(exc)) from None
     expected = set(model.state_dict())
     if set(state) != expected:
         extra, lacking = sorted(set(state) - expected), sorted(expected - set(state))
@@ -218,6 +248,12 @@ def load_model(
         )
     # assign: buffers keep the saved dtype too (a model cast with .to(dtype) has bfloat16 masks)
     current = model.state_dict()
+    for key, value in state.items():
+        if value.shape != current[key].shape:
+            raise CheckpointError(
+                f"weights in {str(weights_path)!r} do not fit the saved config: {key} has "
+                f"shape {tuple(value.shape)}, the config needs {tuple(current[key].shape)}"
+            )
     model.load_state_dict({k: v.to(current[k].device) for k, v in state.items()}, assign=True)
     model.eval()
     return model
@@ -228,97 +264,174 @@ def load_model(
 # --------------------------------------------------------------------------------------------
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # TransformerLens leaves these tokenizers as they are (their checkpoints use no BOS token).
 _NO_BOS_RELOAD = ("OlmoForCausalLM", "OlmoeForCausalLM", "Olmo2ForCausalLM")
+
+
+def hub_id(source: object) -> str | None:
+    """``source`` as a Hugging Face hub id, or ``None`` when it must be read as a local path.
+
+    A string is a hub id only when all of these hold, so that a mistyped local path never
+    reaches the network:
+
+    * it is a ``str`` (a ``pathlib.Path`` is always local);
+    * it is ``org/name``: exactly one ``/``, no backslash, no whitespace, both parts made of
+      letters, digits, ``_``, ``.`` and ``-``, starting with a letter or digit and not
+      ending with ``.`` (so nothing that starts with ``/``, ``.`` or ``~``, and no ``..``);
+    * nothing of it exists here: neither the path itself nor its first part ``org`` (a
+      folder ``org`` beside the working directory means ``org/name`` is a local path with a
+      typo).
+
+    A bare ``name`` (no ``/``) is local too: hub models are named by organisation.
+    """
+    if not isinstance(source, str) or not _HUB_ID.match(source):
+        return None
+    org, name = source.split("/")
+    if org.endswith(".") or name.endswith(".") or ".." in source:
+        return None
+    if Path(source).exists() or Path(org).exists():
+        return None
+    return source
+
+
+def _nearest_existing(path: Path) -> Path | None:
+    for parent in [path, *path.parents]:
+        if parent != Path(".") and parent.exists():
+            return parent
+    return None
+
+
+def _missing_local(path: Path, given: str) -> CheckpointError:
+    near = _nearest_existing(path)
+    where = f"; the nearest part that exists is {str(near)!r}" if near is not None else ""
+    hint = ""
+    if isinstance(given, str) and _HUB_ID.match(given) and near is not None:
+        hint = " (read as a local path, not a hub id, because that part exists here)"
+    return CheckpointError(f"checkpoint path {given!r} does not exist{where}{hint}")
 
 
 def _has_tokenizer_files(directory: Path) -> bool:
     return any((directory / name).is_file() for name in _TOKENIZER_FILES)
 
 
-def _with_bos(tokenizer: Any, architecture: str) -> Any:
-    """The tokenizer TransformerLens would use, without reaching the network.
+def _load_tokenizer(source: str, where: str) -> Any:
+    """``AutoTokenizer.from_pretrained(source)``; its failures become a CheckpointError."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as exc:  # tokenizers raise many types for a truncated or corrupt file
+        raise CheckpointError(
+            f"cannot read the tokenizer of {where} (truncated or corrupt?): "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _with_bos(tokenizer: Any, architecture: str, *, hub: str | None = None) -> Any:
+    """The tokenizer TransformerLens would use, without reaching the network uninvited.
 
     ``HookedTransformer.set_tokenizer`` reloads a tokenizer by its ``name_or_path`` with
-    ``add_bos_token=True``. That works for a local folder (or a cached hub name); for a
-    tokenizer built in memory it would try a download, so a copy marked as final is used, and
+    ``add_bos_token=True``. That is done here for a tokenizer read from a local folder, or
+    from the hub id the caller asked for (``hub``); any other tokenizer (built in memory, or
+    named like a hub id without being one the caller gave) is marked as final instead, and
     TransformerLens prepends BOS itself (it checks whether the tokenizer does).
     """
     if architecture in _NO_BOS_RELOAD or tokenizer.bos_token is None:
         return tokenizer
-    try:
-        return get_tokenizer_with_bos(tokenizer)
-    except (OSError, TypeError, KeyError):
-        tokenizer.init_kwargs["add_bos_token"] = True  # our own copy: see load_hf
-        return tokenizer
+    source = str(tokenizer.init_kwargs.get("name_or_path") or "")
+    if source and (Path(source).is_dir() or (hub is not None and source == hub)):
+        try:
+            return get_tokenizer_with_bos(tokenizer)
+        except (OSError, TypeError, KeyError, ValueError):
+            pass
+    tokenizer.init_kwargs["add_bos_token"] = True  # our own copy: see load_hf
+    return tokenizer
 
 
-def _resolve_source(path_or_model: Any, dtype: torch.dtype, tokenizer: Any) -> tuple[Any, Any, str]:
-    """Returns (Hugging Face model, tokenizer or None, model name) for any accepted source."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+def _resolve_source(
+    path_or_model: Any, dtype: torch.dtype, tokenizer: Any
+) -> tuple[Any, Any, str, str | None]:
+    """(Hugging Face model, tokenizer or None, model name, hub id or None) for any source."""
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
     if isinstance(path_or_model, PreTrainedModel):
         architecture_name(_config_with_class(path_or_model))
         if tokenizer is None:
             source = getattr(path_or_model, "name_or_path", "") or ""
             if source and Path(source).is_dir() and _has_tokenizer_files(Path(source)):
-                tokenizer = AutoTokenizer.from_pretrained(source)
+                tokenizer = _load_tokenizer(source, repr(source))
         name = Path(getattr(path_or_model, "name_or_path", "") or "hf-model").name or "hf-model"
-        return path_or_model, tokenizer, name
+        return path_or_model, tokenizer, name, None
     if not isinstance(path_or_model, (str, Path)):
         raise TypeError(
             "load_hf expects a checkpoint directory, a hub id or a transformers.PreTrainedModel, "
             f"got {type(path_or_model).__name__}"
         )
-    path = Path(path_or_model).expanduser()
-    if not path.exists():
-        name = str(path_or_model)
-        if not _HUB_ID.match(name):
-            raise CheckpointError(f"checkpoint path {name!r} does not exist")
+    hub = hub_id(path_or_model)
+    if hub is not None:
         try:
-            hf_config = AutoConfig.from_pretrained(name)
+            hf_config = AutoConfig.from_pretrained(hub)
             architecture_name(hf_config)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(hub, dtype=dtype)
         except UnsupportedArchitectureError:
             raise
         except (OSError, ValueError) as exc:
             raise CheckpointError(
-                f"checkpoint path {name!r} does not exist, and {name!r} could not be loaded as a "
+                f"checkpoint path {hub!r} does not exist, and {hub!r} could not be loaded as a "
                 f"Hugging Face hub model (it is not in the local cache, or the hub is "
                 f"unreachable): {exc}"
             ) from exc
         if tokenizer is None:
             try:
-                tokenizer = AutoTokenizer.from_pretrained(name)
-            except (OSError, ValueError):
+                tokenizer = _load_tokenizer(hub, repr(hub))
+            except CheckpointError:
                 tokenizer = None
-        return model, tokenizer, name.split("/")[-1]
+        return model, tokenizer, hub.split("/")[-1], hub
+    path = Path(path_or_model).expanduser()
+    if not path.exists():
+        raise _missing_local(path, str(path_or_model))
     if not path.is_dir():
         raise CheckpointError(
             f"checkpoint path {str(path)!r} is a file, not a checkpoint directory"
         )
-    if not (path / "config.json").is_file():
+    config_path = path / "config.json"
+    if not config_path.is_file():
         raise CheckpointError(
             f"checkpoint directory {str(path)!r} has no config.json, so it is not a Hugging Face "
             "checkpoint"
         )
     try:
-        raw = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{str(path / 'config.json')!r} is not valid JSON: {exc}") from exc
+        raw = read_json(config_path, what="checkpoint config")
+    except FileFormatError as exc:
+        raise CheckpointError(str(exc)) from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(
+            f"{str(config_path)!r} holds a JSON {type(raw).__name__}, not a model config object"
+        )
     # decide support from the raw JSON first: no weights are read for an unsupported model
     # (a config without an "architectures" list is judged by its model_type)
-    architecture_name(_RawConfig(raw if isinstance(raw, dict) else {}))
+    architecture_name(_RawConfig(raw))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    except OSError as exc:
-        raise CheckpointError(f"could not load the weights in {str(path)!r}: {exc}") from exc
-    except ValueError as exc:  # a model_type transformers has no causal-LM class for
-        raise unsupported(f"{str(path)!r} cannot be loaded as a causal LM ({exc})") from exc
+        hf_config = AutoConfig.from_pretrained(str(path))
+    except Exception as exc:  # transformers validates fields with many exception types
+        raise CheckpointError(
+            f"{str(config_path)!r} is not a valid model config: {type(exc).__name__}: {exc}"
+        ) from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), config=hf_config, dtype=dtype)
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):  # no causal-LM class for it
+            raise unsupported(f"{str(path)!r} cannot be loaded as a causal LM ({exc})") from exc
+        raise CheckpointError(f"could not load the weights in {str(path)!r}: {exc}") from None
+    except Exception as exc:  # safetensors, torch and OS errors for missing or corrupt weights
+        raise CheckpointError(
+            f"could not load the weights in {str(path)!r} (missing, truncated or corrupt?): "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
     if tokenizer is None and _has_tokenizer_files(path):
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return model, tokenizer, path.resolve().name
+        tokenizer = _load_tokenizer(str(path), repr(str(path)))
+    return model, tokenizer, path.resolve().name, None
 
 
 @dataclass(frozen=True)
@@ -367,7 +480,11 @@ def load_hf(
     The source is a local checkpoint directory (``config.json`` + weights, as written by
     ``save_pretrained``), an in-memory ``transformers.PreTrainedModel``, or a hub id
     (``"org/name"``) that ``transformers`` can load from its local cache (or, for users online,
-    from the hub). No official-model-name table is consulted: the configuration is built from
+    from the hub). Only a string that is clearly a hub id goes to ``transformers`` as one (see
+    :func:`hub_id`: ``org/name`` with nothing of it present locally); anything that looks like
+    a path (``./x``, ``~/x``, ``a/b/c``, a backslash, or an ``org/`` folder that exists here)
+    fails locally with a :class:`CheckpointError`, without a network look-up.
+    No official-model-name table is consulted: the configuration is built from
     the checkpoint's own config, per architecture (see :data:`SUPPORTED_ARCHITECTURES`), and the
     weights go through TransformerLens's own converters.
 
@@ -404,21 +521,23 @@ def load_hf(
 
     Raises:
         CheckpointError: The path does not exist (and is no loadable hub id), is not a
-            directory, or lacks ``config.json``.
+            directory, lacks ``config.json``, or holds a config, weights or tokenizer that are
+            truncated or corrupt; the message names the file or folder.
         UnsupportedArchitectureError: The architecture (or one of its options, such as a rope
             scaling type) cannot be converted; the message lists the supported ones.
         ConfigError: ``dtype``, ``n_devices`` or ``n_ctx`` is out of range.
     """
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    if not isinstance(n_devices, int) or n_devices < 1:
-        raise ConfigError(f"n_devices must be a positive integer, got {n_devices!r}")
-    if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx < 1):
-        raise ConfigError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+    check_device(device)
+    n_devices = check_int(n_devices, "n_devices", minimum=1)
+    if n_ctx is not None:
+        n_ctx = check_int(n_ctx, "n_ctx", minimum=1)
+    process_weights = check_bool(process_weights, "process_weights")
 
     if tokenizer is not None:  # the model gets its own: set_tokenizer changes padding_side
         tokenizer = copy.deepcopy(tokenizer)
-    hf_model, tok, name = _resolve_source(path_or_model, dtype, tokenizer)
+    hf_model, tok, name, hub = _resolve_source(path_or_model, dtype, tokenizer)
     architecture = architecture_name(_config_with_class(hf_model))
     spec = ARCHITECTURES[architecture]
     fields = spec.config(hf_model.config)
@@ -437,7 +556,7 @@ def load_hf(
     )
     cfg = HookedTransformerConfig.from_dict(fields)
     if tok is not None:
-        tok = _with_bos(tok, architecture)
+        tok = _with_bos(tok, architecture, hub=hub)
 
     with torch.no_grad():
         state = spec.weights(hf_model, cfg)
@@ -531,6 +650,41 @@ def check_compatible(a: HookedTransformer, b: HookedTransformer) -> None:
         if va != vb:
             raise IncompatibleModelsError(f"models differ in {field}: {va!r} vs {vb!r}")
     _check_tokenizers(a.tokenizer, b.tokenizer)
+
+
+def check_distinct(
+    base: HookedTransformer,
+    unlearned: HookedTransformer,
+    *,
+    what: str = "unlearned model",
+    base_what: str = "base model",
+    why: str = "there is nothing to compare",
+) -> None:
+    """Checks that two models differ, before a comparison that needs them to.
+
+    The study's scores compare the unlearned model with the base model: KRS divides by their
+    difference and ``recovery`` by the difference of their scores, so with the same model twice
+    every score is undefined, which would otherwise surface only after all the forward passes.
+    The check is one pass over the parameters that stops at the first that differs (for an
+    unlearned model, usually the first one or two).
+
+    Raises:
+        IncompatibleModelsError: ``unlearned`` is ``base`` itself or has exactly its weights.
+    """
+    if base is unlearned:
+        raise IncompatibleModelsError(f"the {what} is the {base_what} itself: {why}")
+    pa, pb = dict(base.named_parameters()), dict(unlearned.named_parameters())
+    if pa.keys() != pb.keys():
+        return
+    with torch.no_grad():
+        for name, a in pa.items():
+            b = pb[name]
+            if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b.to(a.device)):
+                return
+    raise IncompatibleModelsError(
+        f"the {what} has exactly the {base_what}'s weights: {why} (was it saved before "
+        "training, or loaded from the base model's folder?)"
+    )
 
 
 def _check_tokenizers(ta: Any, tb: Any) -> None:

@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from unlearnlens._checks import check_layers, check_window, resolve_hooks, window_layers
+from unlearnlens._checks import (
+    check_batch_size,
+    check_layers,
+    check_window,
+    resolve_hooks,
+    window_layers,
+)
+from unlearnlens._finite import check_finite
 from unlearnlens.errors import HookError, PromptError
 from unlearnlens.metrics import MetricLike, resolve_metric
 from unlearnlens.prompts import Prompts, PromptSet, as_promptset
@@ -32,11 +39,31 @@ Positions = Literal["all", "prompt", "last", "answer", "each"]
 _POSITIONS = ("all", "prompt", "last", "answer", "each")
 
 
-def prepare(source: HookedTransformer, target: HookedTransformer, prompts: Prompts) -> PromptSet:
-    """Checks that two models can be compared and turns ``prompts`` into a PromptSet for both."""
-    from unlearnlens.models import check_compatible
+def prepare(
+    source: HookedTransformer,
+    target: HookedTransformer,
+    prompts: Prompts,
+    metric: BoundMetric | None = None,
+) -> PromptSet:
+    """Checks that two models can be compared and turns ``prompts`` into a PromptSet for both.
+
+    With a metric defined by the difference of the two models (KRS, ``recovery``) the models
+    must also differ (:func:`~unlearnlens.models.check_distinct`).
+    """
+    from unlearnlens.models import check_compatible, check_distinct
 
     check_compatible(source, target)
+    check_finite(source, "source model")
+    check_finite(target, "target model")
+    if metric is not None and (metric.uses_references or metric.normalized):
+        check_distinct(
+            source,
+            target,
+            what="target model",
+            base_what="source model",
+            why=f"{metric.name.upper() if metric.name == 'krs' else metric.name} is undefined "
+            "when the source and target models are the same",
+        )
     ps = as_promptset(target, prompts)
     ps.check_fits(source)
     return ps
@@ -119,8 +146,10 @@ def patch(
     hook_names = resolve_hooks(target, hooks)
     centres = check_layers(target, layers)
     window = check_window(window)
+    batch_size = check_batch_size(batch_size)
+    resolve_hooks(source, hooks)
     bound = resolve_metric(metric)
-    ps = prepare(source, target, prompts)
+    ps = prepare(source, target, prompts, bound)
     n_layers = target.cfg.n_layers
 
     def variant(centre: int, mask: torch.Tensor | None) -> Variant:

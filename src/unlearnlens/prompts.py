@@ -11,14 +11,21 @@ For a prompt of ``n`` tokens and an answer of ``m`` tokens, the logits at positi
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from unlearnlens._checks import check_int, is_integer
+from unlearnlens._finite import check_finite
 from unlearnlens.errors import PromptError
 
 if TYPE_CHECKING:
@@ -62,10 +69,27 @@ def _as_id_list(seq: TokenSeq, what: str, index: int) -> list[int]:
             f"{what} {index} is a string ({seq!r}); PromptSet.from_tokens takes token ids — use "
             "PromptSet.from_pairs for text"
         )
-    try:
-        ids = [int(t) for t in seq]
-    except (TypeError, ValueError) as e:
-        raise PromptError(f"{what} {index} is not a sequence of integer token ids: {e}") from e
+    if isinstance(seq, np.ndarray):
+        if seq.ndim != 1 or not np.issubdtype(seq.dtype, np.integer):
+            raise PromptError(
+                f"{what} {index} must be a 1-D array of integer token ids, got shape "
+                f"{seq.shape} and dtype {seq.dtype}"
+            )
+        return [int(t) for t in seq]
+    if not isinstance(seq, Sequence) or isinstance(seq, bytes):
+        raise PromptError(
+            f"{what} {index} must be a sequence of integer token ids, got {type(seq).__name__}"
+        )
+    ids = []
+    for t in seq:
+        if not is_integer(t):
+            raise PromptError(
+                f"{what} {index} holds {t!r} ({type(t).__name__}); token ids must be integers "
+                "(a float such as 3.0 or 3.7 is refused, not rounded)"
+            )
+        if t < 0:
+            raise PromptError(f"{what} {index} holds the negative token id {int(t)}")
+        ids.append(int(t))
     return ids
 
 
@@ -85,6 +109,10 @@ class PromptSet:
             (attention is causal and padding is on the right), and are never scored.
         prompts: The prompt strings, when built from text.
         answers: The answer strings, when built from text.
+        tokenizer_fingerprint: A hash of the vocabulary and BOS token of the tokenizer that
+            made the ids (see :func:`tokenizer_fingerprint`), or ``None`` for ids given
+            directly (:meth:`from_tokens`). A model whose tokenizer has another fingerprint
+            reads other tokens from the same ids, so :meth:`check_fits` refuses it.
     """
 
     tokens: Int[Tensor, "batch seq"]
@@ -93,6 +121,7 @@ class PromptSet:
     pad_token_id: int = 0
     prompts: tuple[str, ...] | None = None
     answers: tuple[str, ...] | None = None
+    tokenizer_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         if self.tokens.ndim != 2:
@@ -214,6 +243,7 @@ class PromptSet:
             pad_token_id=_pad_id(model),
             prompts=tuple(p for p, _ in pairs),
             answers=tuple(a for _, a in pairs),
+            tokenizer_fingerprint=tokenizer_fingerprint(model.tokenizer),
         )
         ps.check_fits(model)
         return ps
@@ -247,8 +277,7 @@ class PromptSet:
         questions = list(questions)
         if not questions:
             raise PromptError("no prompts given: the list of questions is empty")
-        if max_new_tokens < 1:
-            raise PromptError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        max_new_tokens = check_int(max_new_tokens, "max_new_tokens", minimum=1, error=PromptError)
         texts = all(isinstance(q, str) for q in questions)
         if texts and model.tokenizer is None:
             raise PromptError(
@@ -273,6 +302,8 @@ class PromptSet:
         eos = model.tokenizer.eos_token_id if model.tokenizer is not None else None
         from unlearnlens._generate import greedy_continuations
 
+        check_finite(model)
+
         a_ids = greedy_continuations(model, p_ids, max_new_tokens=max_new_tokens, eos_token_id=eos)
         for i, a in enumerate(a_ids):
             if not a:
@@ -288,6 +319,9 @@ class PromptSet:
             pad_token_id=_pad_id(model),
             prompts=tuple(questions) if texts else None,
             answers=answers,
+            tokenizer_fingerprint=(
+                None if model.tokenizer is None else tokenizer_fingerprint(model.tokenizer)
+            ),
         )
         ps.check_fits(model)
         return ps
@@ -301,6 +335,7 @@ class PromptSet:
         pad_token_id: int,
         prompts: tuple[str, ...] | None = None,
         answers: tuple[str, ...] | None = None,
+        tokenizer_fingerprint: str | None = None,
     ) -> PromptSet:
         lengths = [len(p) + len(a) for p, a in zip(p_ids, a_ids)]
         tokens = torch.full((len(p_ids), max(lengths)), pad_token_id, dtype=torch.long)
@@ -313,6 +348,7 @@ class PromptSet:
             pad_token_id=pad_token_id,
             prompts=prompts,
             answers=answers,
+            tokenizer_fingerprint=tokenizer_fingerprint,
         )
 
     # ----------------------------------------------------------------------------- derived
@@ -427,12 +463,12 @@ class PromptSet:
             pad_token_id=self.pad_token_id,
             prompts=pick(self.prompts),
             answers=pick(self.answers),
+            tokenizer_fingerprint=self.tokenizer_fingerprint,
         )
 
     def batches(self, batch_size: int) -> Iterator[tuple[slice, PromptSet]]:
         """Yields ``(slice, chunk)`` pairs covering the set in order, each chunk trimmed."""
-        if batch_size < 1:
-            raise PromptError(f"batch_size must be at least 1, got {batch_size}")
+        batch_size = check_int(batch_size, "batch_size", minimum=1, error=PromptError)
         for start in range(0, len(self), batch_size):
             sl = slice(start, min(start + batch_size, len(self)))
             yield sl, self[sl]
@@ -446,10 +482,31 @@ class PromptSet:
             pad_token_id=self.pad_token_id,
             prompts=self.prompts,
             answers=self.answers,
+            tokenizer_fingerprint=self.tokenizer_fingerprint,
         )
 
     def check_fits(self, model: HookedTransformer) -> None:
-        """Raises a :class:`PromptError` if a sequence is too long or an id out of vocabulary."""
+        """Raises a :class:`PromptError` if the set does not fit ``model``.
+
+        It does not fit when it was tokenized by a tokenizer other than the model's (same ids,
+        other tokens), a sequence is longer than ``n_ctx``, or an id is out of vocabulary.
+        """
+        if self.tokenizer_fingerprint is not None:
+            if model.tokenizer is None:
+                raise PromptError(
+                    "these prompts were tokenized with a tokenizer, and this model has none to "
+                    "check they mean the same tokens; build them with PromptSet.from_tokens to "
+                    "use bare ids"
+                )
+            if tokenizer_fingerprint(model.tokenizer) != self.tokenizer_fingerprint:
+                name = (
+                    getattr(model.tokenizer, "name_or_path", "") or type(model.tokenizer).__name__
+                )
+                raise PromptError(
+                    f"these prompts were tokenized with another tokenizer than this model's "
+                    f"({name!r}, {len(model.tokenizer)} tokens): the same ids would be other "
+                    "tokens; build the PromptSet with this model"
+                )
         longest = int(self.seq_lengths.max())
         if longest > model.cfg.n_ctx:
             i = int(self.seq_lengths.argmax())
@@ -473,6 +530,32 @@ class PromptSet:
 
 Prompts = Union[PromptSet, Sequence[tuple[str, str]]]
 """What every public function accepts as ``prompts``: a PromptSet or (prompt, answer) pairs."""
+
+
+_FINGERPRINTS: weakref.WeakKeyDictionary[Any, tuple[int, str]] = weakref.WeakKeyDictionary()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A short hash of what makes token ids mean tokens: the vocabulary and the BOS token.
+
+    Two tokenizers with the same fingerprint turn the same text into the same ids (the test
+    :func:`~unlearnlens.check_compatible` applies to two models); the name a tokenizer was
+    loaded from does not enter, so a model and its unlearned copy saved elsewhere agree. The
+    hash is cached per tokenizer object (and recomputed if its size changes).
+    """
+    size = len(tokenizer)
+    try:
+        cached = _FINGERPRINTS.get(tokenizer)
+    except TypeError:  # not weak-referenceable
+        cached = None
+    if cached is not None and cached[0] == size:
+        return cached[1]
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    blob = json.dumps([vocab, getattr(tokenizer, "bos_token", None)], ensure_ascii=False)
+    digest = hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    with contextlib.suppress(TypeError):
+        _FINGERPRINTS[tokenizer] = (size, digest)
+    return digest
 
 
 def _pad_id(model: HookedTransformer) -> int:

@@ -23,6 +23,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from unlearnlens._storage import atomic_directory, atomic_file, check_writable, write_text
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -65,7 +67,8 @@ def _slug(text: str, index: int) -> str:
 
 def _save(fig: Figure, directory: Path, name: str) -> str:
     fig.tight_layout()
-    fig.savefig(directory / name, dpi=110)
+    with atomic_file(directory / name) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     return name
 
 
@@ -189,20 +192,27 @@ def write_report(study: StudyResult, directory: str | Path) -> Path:
 
     Args:
         study: The result of :func:`unlearnlens.dissect`.
-        directory: The report folder (created if missing; files of an earlier report there
-            are overwritten).
+        directory: The report folder (created if missing). The report is written to a
+            temporary folder and swapped in once complete, so a failed write leaves an earlier
+            report there as it was; other files in the folder are kept.
 
     Returns:
         The path of ``index.html``.
 
     Raises:
         ImportError: matplotlib is not installed (the ``plot`` extra).
+        FileFormatError: ``directory`` cannot be written.
     """
     import matplotlib  # noqa: F401  (fail early, with the package's own message)
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "results.json").write_text(study.to_json())
+    final = check_writable(directory, what="report folder")
+    with atomic_directory(final, keep_others=True) as directory:
+        _write_into(study, directory)
+    return final / "index.html"
+
+
+def _write_into(study: StudyResult, directory: Path) -> None:
+    write_text(directory / "results.json", study.to_json())
 
     meta = study.meta
     parts = [
@@ -304,6 +314,4 @@ def write_report(study: StudyResult, directory: str | Path) -> Path:
         "<code>unlearnlens.StudyResult.load(folder)</code> reads it back.</p>",
         "</body></html>",
     ]
-    index = directory / "index.html"
-    index.write_text("\n".join(parts), encoding="utf-8")
-    return index
+    write_text(directory / "index.html", "\n".join(parts))

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 
-from unlearnlens._checks import check_layers, check_window, window_layers
+from unlearnlens._checks import check_batch_size, check_layers, check_window, window_layers
 from unlearnlens.components import TOP_LEVEL, resolve_components, select_parameters
 from unlearnlens.errors import ConfigError, IncompatibleModelsError
 from unlearnlens.metrics import MetricLike, resolve_metric
@@ -308,8 +308,9 @@ def restore_sweep(
         )
     names = resolve_components(unlearned, components)
     centres = check_layers(unlearned, layers)
+    batch_size = check_batch_size(batch_size)
     bound = resolve_metric(metric)
-    ps = prepare(base, unlearned, prompts)
+    ps = prepare(base, unlearned, prompts, bound)
     n_layers = unlearned.cfg.n_layers
     windows = [_restored_layers(mode, c, window, n_layers) for c in centres]
     # Every check (models, shapes) once, before any work; each run then swaps its own subset.

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from unlearnlens.errors import UnlearnLensError
+from unlearnlens._storage import read_safetensors, read_safetensors_metadata, write_safetensors
+from unlearnlens.errors import FileFormatError, UnlearnLensError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -197,25 +197,32 @@ class SweepResult:
         )
 
     def save(self, path: str | Path) -> Path:
-        """Writes one ``.safetensors`` file: exact tensors plus a JSON header. Returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(
-            self.tensors(), str(path), metadata={"unlearnlens": json.dumps(self.to_json_dict())}
+        """Writes one ``.safetensors`` file: exact tensors plus a JSON header. Returns the path.
+
+        The file is written beside ``path`` and renamed into place, so a failed save leaves an
+        earlier file at ``path`` as it was.
+        """
+        return write_safetensors(
+            path, self.tensors(), metadata={"unlearnlens": json.dumps(self.to_json_dict())}
         )
-        return path
 
     @classmethod
     def load(cls, path: str | Path) -> SweepResult:
-        """Reads a file written by :meth:`save`."""
-        from safetensors import safe_open
+        """Reads a file written by :meth:`save`.
 
+        Raises:
+            FileFormatError: The file is missing, truncated, corrupt or not a saved
+                ``SweepResult``; names the file.
+        """
         path = Path(path)
-        if not path.is_file():
-            raise UnlearnLensError(f"no saved SweepResult at {path}")
-        with safe_open(str(path), framework="pt") as f:
-            header = json.loads((f.metadata() or {}).get("unlearnlens", "{}"))
-        return cls.from_parts(header, load_file(str(path)))
+        what = "saved SweepResult"
+        meta = read_safetensors_metadata(path, what=what)
+        tensors = read_safetensors(path, what=what)
+        try:
+            header = json.loads(meta.get("unlearnlens", "{}"))
+            return cls.from_parts(header, tensors)
+        except (UnlearnLensError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise FileFormatError(f"{str(path)!r} is not a saved SweepResult: {exc}") from None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SweepResult):

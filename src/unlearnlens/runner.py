@@ -31,6 +31,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformer_lens.utilities import apply_softcap
 
+from unlearnlens._checks import check_batch_size
 from unlearnlens._guard import preserved
 from unlearnlens.metrics import BoundMetric
 
@@ -488,7 +489,8 @@ def run_variants(
         (reference).
     """
     n_layers = target.cfg.n_layers
-    rows_per_pass = batch_size or default_batch_size(prompts)
+    batch_size = check_batch_size(batch_size)
+    rows_per_pass = default_batch_size(prompts) if batch_size is None else batch_size
     chunk_size = min(len(prompts), rows_per_pass)
     source_hooks = {p.name for v in variants for p in v.patches}
     chunks = list(prompts.batches(chunk_size))

@@ -37,9 +37,10 @@ from typing import TYPE_CHECKING, Literal
 
 from tqdm.auto import tqdm
 
-from unlearnlens._checks import check_window
+from unlearnlens._checks import check_batch_size, check_int, check_model, check_window
+from unlearnlens._finite import check_finite
 from unlearnlens._guard import preserved
-from unlearnlens.errors import ConfigError, PromptError, UnlearnLensError
+from unlearnlens.errors import ComponentError, ConfigError, PromptError, UnlearnLensError
 from unlearnlens.prompts import PromptSet, as_promptset
 from unlearnlens.results import SweepResult, json_ready
 
@@ -63,6 +64,8 @@ Prompts = PromptSet | Sequence[tuple[str, str]] | Sequence[str]
 
 
 # ------------------------------------------------------------------------------ dissect
+
+_MLP_ANALYSES = ("patch_mlp", "patch_mlp_attn", "restore_w_out", "restore_mlp", "coefficients")
 
 
 def check_analyses(analyses: Sequence[str] | str | None) -> tuple[str, ...]:
@@ -102,9 +105,7 @@ def _unlearned_models(unlearned: object) -> dict[str, HookedTransformer]:
                 "'base' names the base model's row; call the unlearned model something else"
             )
         if not isinstance(m, HookedTransformer):
-            raise TypeError(
-                f"unlearned model {name!r} is a {type(m).__name__}, not a HookedTransformer"
-            )
+            check_model(m, f"unlearned model {name!r}")
         out[name] = m
     return out
 
@@ -201,13 +202,24 @@ def dissect(
     from unlearnlens.evaluation import evaluate
     from unlearnlens.lens import logit_lens
     from unlearnlens.metrics import resolve_metric
-    from unlearnlens.models import check_compatible
+    from unlearnlens.models import check_compatible, check_distinct
     from unlearnlens.patching import patch, patch_attention, patch_mlp_coefficients, patch_residual
     from unlearnlens.restoration import restore_sweep
 
     chosen = check_analyses(analyses)
+    check_model(base, "base")
+    needs_mlp = [a for a in chosen if a in _MLP_ANALYSES]
+    if needs_mlp and getattr(base.cfg, "attn_only", False):
+        raise ComponentError(
+            f"the base model is attention-only (cfg.attn_only=True), so the analyses "
+            f"{', '.join(needs_mlp)} (which read MLPs) cannot run; pass analyses= without them"
+        )
     models = _unlearned_models(unlearned)
     window = check_window(window)
+    top_k = check_int(top_k, "top_k", minimum=1)
+    max_new_tokens = check_int(max_new_tokens, "max_new_tokens", minimum=1)
+    eval_max_new_tokens = check_int(eval_max_new_tokens, "eval_max_new_tokens", minimum=1)
+    batch_size = check_batch_size(batch_size)
     bound = resolve_metric(metric)
     if answers not in ("given", "model"):
         raise ConfigError(f"answers must be 'given' or 'model', got {answers!r}")
@@ -216,6 +228,9 @@ def dissect(
             check_compatible(base, m)
         except UnlearnLensError as e:
             raise type(e)(f"unlearned model {name!r} does not fit the base model: {e}") from e
+        check_distinct(base, m, what=f"unlearned model {name!r}")
+        check_finite(m, f"unlearned model {name!r}")
+    check_finite(base, "base model")
     ps = _study_prompts(base, prompts, answers, max_new_tokens, "prompts")
     unrel = (  # only the behaviour test reads them
         None

@@ -14,9 +14,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from unlearnlens.errors import UnlearnLensError
+from unlearnlens._storage import (
+    atomic_directory,
+    read_json,
+    read_safetensors,
+    write_json,
+    write_safetensors,
+)
+from unlearnlens.errors import FileFormatError, UnlearnLensError
 from unlearnlens.evaluation import Evaluation
 from unlearnlens.results import SweepResult
 
@@ -305,26 +311,37 @@ class StudyResult:
 
     @classmethod
     def from_json(cls, source: str | Path) -> StudyResult:
-        """Reads a study from a JSON string, a ``.json`` file or a folder with ``results.json``."""
+        """Reads a study from a JSON string, a ``.json`` file or a folder with ``results.json``.
+
+        Raises:
+            FileFormatError: The file is missing, truncated, corrupt or not a saved study;
+                names the file.
+        """
         if isinstance(source, Path) or (
             isinstance(source, str) and not source.lstrip().startswith("{")
         ):
             path = Path(source)
             if path.is_dir():
                 path = path / _REPORT_JSON
-            if not path.is_file():
-                raise UnlearnLensError(f"no saved StudyResult at {path}")
-            source = path.read_text()
-        return cls.from_json_dict(json.loads(source))
+            data = read_json(path, what="saved StudyResult")
+            return _parsed(path, lambda: cls.from_json_dict(data))
+        try:
+            data = json.loads(source)
+        except json.JSONDecodeError as exc:
+            raise FileFormatError(f"the JSON string is not a saved StudyResult: {exc}") from None
+        return _parsed("the JSON string", lambda: cls.from_json_dict(data))
 
     def save(self, directory: str | Path) -> Path:
         """Writes ``study.json`` and ``study.safetensors`` (exact tensors) into ``directory``.
+
+        Both files are written to a temporary folder and swapped in together, so a failed
+        save (a full disk, an interrupt) leaves an earlier save in ``directory`` as it was.
+        Other files already in ``directory`` are kept.
 
         Returns:
             The directory.
         """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
 
         def sweep(r: SweepResult, key: str) -> dict[str, Any]:
@@ -335,8 +352,9 @@ class StudyResult:
             return {"header": _enc(r.to_json_dict()), "tensors": names}
 
         header = self._header(sweep)
-        save_file(tensors, str(directory / _TENSOR_FILE), metadata={"format": _FORMAT})
-        (directory / _JSON_FILE).write_text(json.dumps(header, indent=1, allow_nan=False))
+        with atomic_directory(directory, keep_others=True) as tmp:
+            write_safetensors(tmp / _TENSOR_FILE, tensors, metadata={"format": _FORMAT})
+            write_json(tmp / _JSON_FILE, header)
         return directory
 
     @classmethod
@@ -344,23 +362,24 @@ class StudyResult:
         """Reads a study saved by :meth:`save`, or the ``results.json`` of a report folder.
 
         Raises:
-            UnlearnLensError: The folder holds neither.
+            FileFormatError: The folder holds neither, or a file in it is truncated, corrupt
+                or not a saved study; names the file.
         """
         directory = Path(directory)
         if (directory / _JSON_FILE).is_file() and (directory / _TENSOR_FILE).is_file():
-            data = json.loads((directory / _JSON_FILE).read_text())
-            stored = load_file(str(directory / _TENSOR_FILE))
+            data = read_json(directory / _JSON_FILE, what="saved StudyResult")
+            stored = read_safetensors(directory / _TENSOR_FILE, what="saved StudyResult tensors")
 
             def sweep(entry: Mapping[str, Any]) -> SweepResult:
                 return SweepResult.from_parts(
                     _dec(entry["header"]), {k: stored[v] for k, v in entry["tensors"].items()}
                 )
 
-            return cls._from_header(data, sweep)
+            return _parsed(directory / _JSON_FILE, lambda: cls._from_header(data, sweep))
         if (directory / _REPORT_JSON).is_file():
             return cls.from_json(directory / _REPORT_JSON)
-        raise UnlearnLensError(
-            f"no saved StudyResult in {directory}: expected {_JSON_FILE} + {_TENSOR_FILE} "
+        raise FileFormatError(
+            f"no saved StudyResult in {str(directory)!r}: expected {_JSON_FILE} + {_TENSOR_FILE} "
             f"(StudyResult.save) or {_REPORT_JSON} (a report folder)"
         )
 
@@ -386,3 +405,25 @@ class StudyResult:
     def __repr__(self) -> str:
         n = sum(len(v) for v in self.sweeps.values())
         return f"StudyResult(methods={self.methods}, {n} sweeps)"
+
+
+def _parsed(where: str | Path, build: Any) -> Any:
+    """Runs ``build()``; a malformed structure becomes a :class:`FileFormatError` naming it."""
+    try:
+        return build()
+    except FileFormatError:
+        raise
+    except (
+        UnlearnLensError,
+        KeyError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        IndexError,
+        RuntimeError,
+    ) as exc:
+        name = where if isinstance(where, str) else repr(str(where))
+        raise FileFormatError(
+            f"{name} is not a saved StudyResult (a field is missing or malformed: "
+            f"{type(exc).__name__}: {exc})"
+        ) from None

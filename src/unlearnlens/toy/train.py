@@ -20,8 +20,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -476,17 +474,8 @@ def train_base(
         model = HookedTransformer(cfg, tokenizer=tok, default_padding_side="right")
         _fit(model, data, train_cfg, pad=tok.pad_token_id, progress=progress)
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=folder))
-    try:
-        save_model(model, tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process cached the same model first
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not target.is_dir():  # another process may have cached the same model meanwhile
+        save_model(model, target)
     return _attach(model)
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from unlearnlens._storage import write_text
 from unlearnlens.errors import ConfigError
 from unlearnlens.prompts import QA_TEMPLATE
 
@@ -488,10 +489,7 @@ class World:
                     "wikipedia_content": self.texts(c, n=1)[0],
                 }
             )
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(entries, indent=1, ensure_ascii=False))
-        return path
+        return write_text(path, json.dumps(entries, indent=1, ensure_ascii=False))
 
 
 def make_world(

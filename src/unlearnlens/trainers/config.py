@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from unlearnlens._checks import check_float, check_int
 from unlearnlens.errors import ConfigError
 
 __all__ = ["TrainConfig"]
@@ -51,29 +52,27 @@ class TrainConfig:
     at the end)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
-            raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.warmup_ratio < 1:
+        check_int(self.steps, "steps", minimum=1)
+        check_float(self.lr, "lr", positive=True)
+        check_int(self.batch_size, "batch_size", minimum=1)
+        check_float(self.weight_decay, "weight_decay", minimum=0.0)
+        if not 0 <= check_float(self.warmup_ratio, "warmup_ratio") < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.schedule not in ("constant", "linear"):
             raise ConfigError(f"schedule must be 'constant' or 'linear', got {self.schedule!r}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ConfigError(f"max_grad_norm must be positive or None, got {self.max_grad_norm}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        if self.max_grad_norm is not None:
+            check_float(self.max_grad_norm, "max_grad_norm", positive=True)
+        if (
+            not isinstance(self.betas, (tuple, list))
+            or len(self.betas) != 2
+            or not all(0 <= check_float(b, "betas") < 1 for b in self.betas)
+        ):
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if self.max_length < 2:
-            raise ConfigError(f"max_length must be at least 2 tokens, got {self.max_length}")
-        for name in ("eval_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.eval_size < 1:
-            raise ConfigError(f"eval_size must be at least 1, got {self.eval_size}")
+        check_int(self.seed, "seed")
+        check_int(self.max_length, "max_length", minimum=2)
+        check_int(self.eval_every, "eval_every", minimum=0)
+        check_int(self.checkpoint_every, "checkpoint_every", minimum=0)
+        check_int(self.eval_size, "eval_size", minimum=1)
 
     @property
     def warmup_steps(self) -> int:

@@ -12,7 +12,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from unlearnlens._checks import check_model
 from unlearnlens._guard import preserved
+from unlearnlens._storage import check_writable
 from unlearnlens.components import ParamSpec, resolve_params
 from unlearnlens.errors import ConfigError, NonFiniteLossError
 from unlearnlens.metrics import accuracy, answer_logprob
@@ -339,6 +341,9 @@ def unlearn(
         NonFiniteLossError: The loss or gradient became non-finite; the exception's ``step``
             and ``model`` attributes give the step and the model at its last finite state.
     """
+    check_model(model, "model")
+    if checkpoint_dir is not None:
+        check_writable(checkpoint_dir, what="checkpoint_dir")
     meth = build_method(method, method_args)
     forget_set = as_train_set(model, forget, max_length=max_length, what="forget")
     retain_set = (
