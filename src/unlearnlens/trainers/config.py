@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 from unlearnlens._checks import check_bool, check_float, check_int
 from unlearnlens.errors import ConfigError
@@ -40,7 +39,7 @@ class TrainConfig:
     normalisation weights."""
     warmup_ratio: float = 0.1
     """Fraction of ``steps`` over which the learning rate rises linearly from 0."""
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    schedule: str = "constant"
     """After warm-up: keep the peak rate, decay it linearly, or follow a half cosine."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this value; ``None`` turns clipping off."""

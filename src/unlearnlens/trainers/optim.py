@@ -44,7 +44,7 @@ def no_decay_names(model: nn.Module, names: Iterable[str]) -> set[str]:
 
     The rule of Hugging Face's ``Trainer``: parameters of normalisation modules (any module
     whose class name contains ``Norm``: TransformerLens's ``LayerNorm``, ``RMSNorm`` and their
-    ``Pre`` forms, ``torch.nn.LayerNorm``) and biases (TransformerLens's ``b_*`` and ``b``,
+    ``Pre`` forms, ``torch.nn.LayerNorm``) and biases (TransformerLens's ``b_*``, ``_b_*`` and ``b``,
     and any name containing ``bias``) are not decayed; every weight matrix and embedding is.
     """
     wanted = set(names)
@@ -56,7 +56,7 @@ def no_decay_names(model: nn.Module, names: Iterable[str]) -> set[str]:
                 if full in wanted:
                     out.add(full)
     for name in wanted:
-        leaf = name.rsplit(".", 1)[-1]
+        leaf = name.rsplit(".", 1)[-1].lstrip("_")  # GQA's shared keys/values: _W_K, _b_K
         if leaf == "b" or leaf.startswith("b_") or "bias" in leaf:
             out.add(name)
     return out
