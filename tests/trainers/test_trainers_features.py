@@ -1,4 +1,4 @@
-"""Training-loop features: accumulation, weight-decay groups, EOS, schedules, RMU's cache, checks."""
+"""Training-loop features: accumulation, decay groups, EOS, schedules, RMU cache, checks."""
 
 from __future__ import annotations
 
@@ -111,8 +111,8 @@ def test_no_weight_decay_on_biases_and_norm_weights():
         assert groups[0.1] == matrices
         assert groups[0.0] == set(params) - matrices
         assert (
-            any(".ln1." in n for n in groups[0.0])
-            and any(".b_" in n for n in groups[0.0])
+            (any(".ln1." in n for n in groups[0.0])
+            and any(".b_" in n for n in groups[0.0]))
             or (arch == "llama")
         )
 

@@ -44,8 +44,9 @@ def no_decay_names(model: nn.Module, names: Iterable[str]) -> set[str]:
 
     The rule of Hugging Face's ``Trainer``: parameters of normalisation modules (any module
     whose class name contains ``Norm``: TransformerLens's ``LayerNorm``, ``RMSNorm`` and their
-    ``Pre`` forms, ``torch.nn.LayerNorm``) and biases (TransformerLens's ``b_*``, ``_b_*`` and ``b``,
-    and any name containing ``bias``) are not decayed; every weight matrix and embedding is.
+    ``Pre`` forms, ``torch.nn.LayerNorm``) and biases (TransformerLens's ``b_*``, ``_b_*``
+    and ``b``, and any name containing ``bias``) are not decayed; every weight matrix and
+    embedding is.
     """
     wanted = set(names)
     out: set[str] = set()
