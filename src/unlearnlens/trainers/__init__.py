@@ -15,7 +15,6 @@ from unlearnlens.components import ParamSelection, resolve_params, select_parame
 from unlearnlens.trainers import dpo, ga, grad_diff, idk, npo, rmu, simnpo  # noqa: F401  (register)
 from unlearnlens.trainers.base import Batch, MethodConfig, MethodLoss, TrainData, UnlearningMethod
 from unlearnlens.trainers.config import TrainConfig
-from unlearnlens.trainers.loop import UnlearnRun, unlearn
 from unlearnlens.trainers.registry import (
     available_methods,
     get_method,
@@ -23,6 +22,7 @@ from unlearnlens.trainers.registry import (
     unregister_method,
 )
 from unlearnlens.trainers.relearn import RelearnRun, relearn
+from unlearnlens.trainers.run import UnlearnRun, unlearn
 
 __all__ = [
     "Batch",

@@ -31,9 +31,15 @@ def check_refusals(refusals: tuple[str, ...]) -> None:
 
 
 def refusal_set(
-    model: HookedTransformer, prompts: PromptSet, refusals: tuple[str, ...]
+    model: HookedTransformer,
+    prompts: PromptSet,
+    refusals: tuple[str, ...],
+    eos: int | None = None,
 ) -> PromptSet:
     """The prompts of ``prompts`` with refusal ``i % len(refusals)`` as answer ``i``.
+
+    With ``eos`` (a token id), every refusal ends with that token, so that the model learns
+    to stop after refusing.
 
     Raises:
         PromptError: The model has no tokenizer, or a refusal tokenizes to nothing.
@@ -45,6 +51,8 @@ def refusal_set(
         if not t:
             raise PromptError(f"refusal {r!r} tokenizes to nothing")
     p_ids = [prompts.tokens[i, : int(n)].tolist() for i, n in enumerate(prompts.prompt_lengths)]
+    if eos is not None:
+        ids = [t if t[-1] == eos else [*t, eos] for t in ids]
     a_ids = [ids[i % len(ids)] for i in range(len(p_ids))]
     out = PromptSet.from_tokens(p_ids, a_ids, pad_token_id=prompts.pad_token_id)
     out.check_fits(model)

@@ -19,7 +19,7 @@ care of the optimizer, clipping, guards, evaluation and checkpoints.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -64,6 +64,10 @@ class TrainData:
     """The training batch size (a good chunk size for precomputing)."""
     seed: int = 0
     """The run's seed, for any randomness a method draws in ``prepare``."""
+    trained: tuple[str, ...] = ()
+    """Full names of the parameters that train (for methods that keep their starting values)."""
+    refusal_eos: int | None = None
+    """Token id to end taught refusal answers with (``None``: refusals end without one)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,32 @@ class Batch:
     """Their indices in the whole retain set."""
     step: int
     """The 0-based optimizer step."""
+    whole: Batch | None = None
+    """With gradient accumulation, the optimizer step's whole batch this micro-batch is part
+    of (``None``: this batch is the whole step)."""
+
+    @property
+    def share(self) -> float:
+        """This micro-batch's fraction of the step's forget examples (1.0 without accumulation).
+
+        The loop weights each micro-batch's loss by its share, so a loss that is a mean over
+        the batch's forget examples sums to the whole batch's loss exactly.
+        """
+        if self.whole is None:
+            return 1.0
+        return len(self.forget) / len(self.whole.forget)
+
+    def denominator(self, count: Callable[[Batch], int | float | Tensor]) -> float:
+        """``count`` of the whole step's batch times :attr:`share`.
+
+        The normaliser to divide a micro-batch's sum by, so that its share-weighted loss is
+        the whole batch's mean. Without accumulation this is ``count(self)``. Example: the
+        mean over every answer token of the step is
+        ``token_sum / batch.denominator(lambda b: b.forget.answer_lengths.sum())``.
+        """
+        if self.whole is None:
+            return float(count(self))
+        return float(count(self.whole)) * self.share
 
     @property
     def retain_set(self) -> PromptSet:

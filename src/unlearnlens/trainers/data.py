@@ -14,6 +14,7 @@ batches as an uninterrupted one, with no sampler state to save.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,7 +27,7 @@ from unlearnlens.prompts import PromptSet, as_promptset
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-__all__ = ["TrainSet", "as_train_set", "batch_indices", "chunk_texts"]
+__all__ = ["TrainSet", "as_train_set", "batch_indices", "chunk_texts", "eos_id", "with_eos"]
 
 TrainSet = PromptSet | Sequence[tuple[str, str]] | Sequence[str]
 """A forget or retain set: a PromptSet, ``(question, answer)`` pairs, or plain texts."""
@@ -69,8 +70,34 @@ def chunk_texts(model: HookedTransformer, texts: Sequence[str], max_length: int)
     return PromptSet.from_tokens(prompts, answers, pad_token_id=_pad_id(model))
 
 
+def eos_id(model: HookedTransformer) -> int | None:
+    """The tokenizer's end-of-sequence id, or ``None`` without a tokenizer or EOS token."""
+    tok = model.tokenizer
+    if tok is None or tok.eos_token_id is None:
+        return None
+    return int(tok.eos_token_id)
+
+
+def with_eos(prompts: PromptSet, eos: int) -> PromptSet:
+    """``prompts`` with token ``eos`` appended to every answer that does not end with it."""
+    p_ids, a_ids = [], []
+    for i in range(len(prompts)):
+        n, m = int(prompts.prompt_lengths[i]), int(prompts.answer_lengths[i])
+        row = prompts.tokens[i].tolist()
+        answer = row[n : n + m]
+        p_ids.append(row[:n])
+        a_ids.append(answer if answer[-1] == eos else [*answer, eos])
+    out = PromptSet.from_tokens(p_ids, a_ids, pad_token_id=prompts.pad_token_id)
+    return replace(out, prompts=prompts.prompts, answers=prompts.answers)
+
+
 def as_train_set(
-    model: HookedTransformer, data: TrainSet, *, max_length: int, what: str
+    model: HookedTransformer,
+    data: TrainSet,
+    *,
+    max_length: int,
+    what: str,
+    eos: int | None = None,
 ) -> PromptSet:
     """A forget or retain set as a PromptSet on the CPU.
 
@@ -79,6 +106,8 @@ def as_train_set(
         data: A PromptSet, ``(question, answer)`` pairs, or plain texts.
         max_length: Chunk length for plain texts.
         what: ``"forget"`` or ``"retain"``, for error messages.
+        eos: A token id to end every answer with (pairs and PromptSets only; plain-text
+            chunks are pieces of documents and get none).
 
     Raises:
         PromptError: An empty set, a single string, mixed pairs and texts, or any error of
@@ -86,7 +115,8 @@ def as_train_set(
     """
     if isinstance(data, PromptSet):
         data.check_fits(model)
-        return data.to("cpu")
+        out = data.to("cpu")
+        return out if eos is None else _fits(model, with_eos(out, eos), what)
     if isinstance(data, (str, bytes)):
         raise PromptError(
             f"the {what} set is a single string; pass a list of texts, of (question, answer) "
@@ -100,9 +130,18 @@ def as_train_set(
     if any(isinstance(x, str) for x in items):
         raise PromptError(f"the {what} set mixes plain texts and (question, answer) pairs")
     try:
-        return as_promptset(model, items).to("cpu")
+        out = as_promptset(model, items).to("cpu")
     except PromptError as e:
         raise PromptError(f"bad {what} set: {e}") from e
+    return out if eos is None else _fits(model, with_eos(out, eos), what)
+
+
+def _fits(model: HookedTransformer, prompts: PromptSet, what: str) -> PromptSet:
+    try:
+        prompts.check_fits(model)
+    except PromptError as e:
+        raise PromptError(f"the {what} set with an end-of-sequence token: {e}") from e
+    return prompts
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> Int[Tensor, " batch"]:

@@ -10,7 +10,7 @@ import torch
 from unlearnlens.errors import ConfigError
 from unlearnlens.trainers._refusals import DEFAULT_REFUSALS, check_refusals, refusal_set
 from unlearnlens.trainers.base import Batch, MethodConfig, MethodLoss, TrainData, UnlearningMethod
-from unlearnlens.trainers.losses import dpo_loss, nll, per_example, sequence_logprob
+from unlearnlens.trainers.losses import dpo_loss, per_example, retain_nll, sequence_logprob
 from unlearnlens.trainers.registry import register_method
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ class DPO(UnlearningMethod):
 
     def prepare(self, model: HookedTransformer, data: TrainData) -> None:
         """Builds the refusal answers and the reference log-probabilities of both answers."""
-        self.win = refusal_set(model, data.forget, self.config.refusals)
+        self.win = refusal_set(model, data.forget, self.config.refusals, data.refusal_eos)
         self.ref_win = per_example(model, self.win, data.batch_size)
         self.ref_lose = per_example(model, data.forget, data.batch_size)
 
@@ -74,7 +74,7 @@ class DPO(UnlearningMethod):
         parts = {"dpo": pref, "forget_logprob": lose.mean(), "refusal_logprob": win.mean()}
         total = pref
         if self.config.retain_weight > 0:
-            retain = nll(model, batch.retain_set)
+            retain = retain_nll(model, batch)
             total = total + self.config.retain_weight * retain
             parts["retain_nll"] = retain
         return MethodLoss(total, parts)

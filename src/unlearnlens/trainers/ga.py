@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from unlearnlens.errors import ConfigError
 from unlearnlens.trainers.base import Batch, MethodConfig, MethodLoss, UnlearningMethod
-from unlearnlens.trainers.losses import nll
+from unlearnlens.trainers.losses import forget_nll
 from unlearnlens.trainers.registry import register_method
 
 if TYPE_CHECKING:
@@ -43,5 +43,5 @@ class GradientAscent(UnlearningMethod):
 
     def loss(self, model: HookedTransformer, batch: Batch) -> MethodLoss:
         """``-w_f · NLL(forget)``."""
-        forget = nll(model, batch.forget)
+        forget = forget_nll(model, batch)
         return MethodLoss(-self.config.forget_weight * forget, {"forget_nll": forget})

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from unlearnlens.errors import ConfigError
 from unlearnlens.trainers.base import Batch, MethodConfig, MethodLoss, UnlearningMethod
-from unlearnlens.trainers.losses import nll
+from unlearnlens.trainers.losses import forget_nll, retain_nll
 from unlearnlens.trainers.registry import register_method
 
 if TYPE_CHECKING:
@@ -52,11 +52,11 @@ class GradDiff(UnlearningMethod):
     def loss(self, model: HookedTransformer, batch: Batch) -> MethodLoss:
         """``-w_f · NLL(forget) + w_r · NLL(retain)``."""
         cfg = self.config
-        forget = nll(model, batch.forget)
+        forget = forget_nll(model, batch)
         total = -cfg.forget_weight * forget
         parts = {"forget_nll": forget}
         if cfg.retain_weight > 0 and batch.retain is not None:
-            retain = nll(model, batch.retain)
+            retain = retain_nll(model, batch)
             total = total + cfg.retain_weight * retain
             parts["retain_nll"] = retain
         return MethodLoss(total, parts)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from unlearnlens.errors import ConfigError
 from unlearnlens.trainers._refusals import DEFAULT_REFUSALS, check_refusals, refusal_set
 from unlearnlens.trainers.base import Batch, MethodConfig, MethodLoss, TrainData, UnlearningMethod
-from unlearnlens.trainers.losses import nll
+from unlearnlens.trainers.losses import nll, retain_nll
 from unlearnlens.trainers.registry import register_method
 
 if TYPE_CHECKING:
@@ -51,15 +51,19 @@ class IDK(UnlearningMethod):
 
     def prepare(self, model: HookedTransformer, data: TrainData) -> None:
         """Attaches a refusal to every forget prompt."""
-        self.targets = refusal_set(model, data.forget, self.config.refusals)
+        self.targets = refusal_set(model, data.forget, self.config.refusals, data.refusal_eos)
 
     def loss(self, model: HookedTransformer, batch: Batch) -> MethodLoss:
         """``NLL(refusals) + w_r · NLL(retain)``."""
-        refuse = nll(model, self.targets[batch.forget_index])
+        refuse = nll(
+            model,
+            self.targets[batch.forget_index],
+            batch.denominator(lambda b: self.targets[b.forget_index].answer_lengths.sum()),
+        )
         parts = {"refusal_nll": refuse}
         total = refuse
         if self.config.retain_weight > 0:
-            retain = nll(model, batch.retain_set)
+            retain = retain_nll(model, batch)
             total = total + self.config.retain_weight * retain
             parts["retain_nll"] = retain
         return MethodLoss(total, parts)

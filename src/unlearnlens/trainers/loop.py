@@ -1,70 +1,33 @@
-"""The training loop shared by every unlearning method, and :func:`unlearn`."""
+"""The training loop shared by every unlearning method: one optimizer step, the whole run."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from unlearnlens._checks import check_model
 from unlearnlens._guard import preserved
-from unlearnlens._storage import check_writable
-from unlearnlens.components import ParamSpec, resolve_params
+from unlearnlens._progress import bar as progress_bar
 from unlearnlens.errors import ConfigError, NonFiniteLossError
 from unlearnlens.metrics import accuracy, answer_logprob
 from unlearnlens.runner import target_logits
-from unlearnlens.trainers.base import Batch, MethodConfig, MethodLoss, TrainData, UnlearningMethod
-from unlearnlens.trainers.checkpoint import load_checkpoint, save_checkpoint
+from unlearnlens.trainers.base import Batch, MethodLoss, TrainData, UnlearningMethod
+from unlearnlens.trainers.checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 from unlearnlens.trainers.config import TrainConfig
-from unlearnlens.trainers.data import TrainSet, as_train_set, batch_indices
-from unlearnlens.trainers.registry import build_method
+from unlearnlens.trainers.data import batch_indices
+from unlearnlens.trainers.optim import MasterOptimizer, is_low_precision
 
 if TYPE_CHECKING:
-    import pandas as pd
     from transformer_lens import HookedTransformer
 
     from unlearnlens.prompts import PromptSet
 
-__all__ = ["UnlearnRun", "evaluate_sets", "train", "unlearn"]
-
-
-@dataclass(frozen=True)
-class UnlearnRun:
-    """The result of :func:`unlearn`.
-
-    Attributes:
-        model: The unlearned model (a copy of the input unless ``inplace=True``).
-        history: One dict per step (``step``, ``loss``, ``lr``, ``grad_norm`` and the method's
-            named terms), with forget/retain metrics (``forget_accuracy``, ``forget_logprob``,
-            ``retain_accuracy``, ``retain_logprob``) on the evaluated steps; step 0 holds the
-            metrics before training.
-        config: The training configuration.
-        method_config: The method's configuration.
-        trained: Full names of the parameters that trained.
-    """
-
-    model: HookedTransformer
-    history: tuple[dict[str, float | int], ...]
-    config: TrainConfig
-    method_config: MethodConfig
-    trained: tuple[str, ...]
-
-    def history_frame(self) -> pd.DataFrame:
-        """The history as a DataFrame indexed by step (eval-only rows have NaN losses)."""
-        import pandas as pd
-
-        return pd.DataFrame(list(self.history)).set_index("step")
-
-    @property
-    def final(self) -> dict[str, float]:
-        """The metrics after the last step."""
-        return {k: v for k, v in self.history[-1].items() if k.startswith(("forget_", "retain_"))}
+__all__ = ["evaluate_sets", "train"]
 
 
 def evaluate_sets(
@@ -122,19 +85,6 @@ def _as_loss(out: MethodLoss | torch.Tensor, name: str) -> MethodLoss:
     return out
 
 
-def _grad_norm(params: list[nn.Parameter], max_norm: float | None) -> float:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    if max_norm is None:
-        return float(
-            torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
-            )
-        )
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-
-
 def _fingerprint(
     method: UnlearningMethod, cfg: TrainConfig, names: list[str], data: TrainData
 ) -> dict[str, Any]:
@@ -153,28 +103,102 @@ def _fingerprint(
     }
 
 
-def _check_finite(
-    loss: float,
-    grad_norm: float,
-    step: int,
-    name: str,
-    cfg: TrainConfig,
-    model: HookedTransformer,
-    optimizer: torch.optim.Optimizer,
-) -> None:
-    """Stops the run before ``optimizer.step()`` when the loss or gradient is not finite."""
-    if math.isfinite(loss) and math.isfinite(grad_norm):
-        return
-    optimizer.zero_grad(set_to_none=True)
-    what = "loss" if not math.isfinite(loss) else "gradient norm"
+def _micro_batches(batch: Batch, k: int) -> list[Batch]:
+    """Cuts a step's batch into at most ``k`` micro-batches (forget and retain alike)."""
+    n_f = len(batch.forget)
+    n_r = n_f if batch.retain is None else len(batch.retain)
+    k = min(k, n_f, n_r)
+    if k == 1:
+        return [batch]
+    f_parts = torch.tensor_split(torch.arange(n_f), k)
+    r_parts = torch.tensor_split(torch.arange(n_r), k)
+    out = []
+    for fi, ri in zip(f_parts, r_parts, strict=True):
+        out.append(
+            Batch(
+                forget=batch.forget[fi],
+                forget_index=batch.forget_index[fi],
+                retain=None if batch.retain is None else batch.retain[ri],
+                retain_index=None if batch.retain_index is None else batch.retain_index[ri],
+                step=batch.step,
+                whole=batch,
+            )
+        )
+    return out
+
+
+def _non_finite(name: str, what: str, step: int, detail: str, cfg: TrainConfig, model: Any) -> Any:
     err = NonFiniteLossError(
-        f"method {name!r} gave a non-finite {what} at step {step} (loss={loss}, "
-        f"grad_norm={grad_norm}); training stopped and the model is left as it was after "
-        f"{step} step(s). Lower lr (now {cfg.lr:g}) or check the method's loss"
+        f"method {name!r} gave a non-finite {what} at step {step} ({detail}); training stopped "
+        f"and the model is left as it was after {step} step(s). Lower lr (now {cfg.lr:g}) or "
+        "check the method's loss"
     )
     err.step = step  # type: ignore[attr-defined]
     err.model = model  # type: ignore[attr-defined]
-    raise err
+    return err
+
+
+def _autocast(model: HookedTransformer) -> contextlib.AbstractContextManager[Any]:
+    """On CUDA, autocast in a bf16/fp16 model's own dtype.
+
+    Softmax, exponentials and reductions then run in float32 (TransformerLens already
+    computes its norms in float32, and the losses are float32). CPU autocast changes none of
+    these ops, so it is left off there.
+    """
+    dtype = model.cfg.dtype
+    if not is_low_precision(dtype) or torch.device(model.cfg.device).type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _step(
+    model: HookedTransformer,
+    method: UnlearningMethod,
+    data: TrainData,
+    cfg: TrainConfig,
+    opt: MasterOptimizer,
+    step: int,
+    name: str,
+) -> dict[str, float | int]:
+    """One optimizer step (all micro-batches); returns its history row.
+
+    Raises:
+        NonFiniteLossError: The loss, the gradient norm or the updated weights are not finite;
+            the model then still holds the weights from before this step.
+    """
+    lr = cfg.lr * cfg.lr_factor(step)  # the schedule is a function of the step alone
+    batch = _make_batch(data.forget, data.retain, cfg, step)
+    micro = _micro_batches(batch, cfg.grad_accum_steps)
+    while True:
+        opt.zero_grad()
+        loss, parts = 0.0, {}
+        for mb in micro:
+            with _autocast(model):
+                out = _as_loss(method.loss(model, mb), name)
+            share = mb.share
+            total = out.total if share == 1.0 else out.total * share
+            (total * opt.loss_scale if opt.loss_scale != 1.0 else total).backward()
+            opt.accumulate()
+            loss += float(total.detach())
+            for k, v in out.parts.items():
+                parts[k] = parts.get(k, 0.0) + share * float(v.detach())
+        grad_norm = opt.clip(cfg.max_grad_norm)
+        if math.isfinite(loss) and not math.isfinite(grad_norm) and opt.reduce_scale():
+            continue  # a float16 overflow of the scaled gradients: the same step, half the scale
+        break
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        opt.zero_grad()
+        what = "loss" if not math.isfinite(loss) else "gradient norm"
+        raise _non_finite(name, what, step, f"loss={loss}, grad_norm={grad_norm}", cfg, model)
+    opt.step(lr)
+    if not opt.update_is_finite():
+        opt.zero_grad()
+        raise _non_finite(
+            name, "weight update", step, f"lr={lr:g} overflows the {model.cfg.dtype}", cfg, model
+        )
+    opt.write_back()
+    opt.zero_grad()
+    return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, **parts}
 
 
 def train(
@@ -184,202 +208,82 @@ def train(
     cfg: TrainConfig,
     params: dict[str, nn.Parameter],
     *,
-    progress: bool = True,
+    progress: bool | None = None,
     checkpoint_dir: str | os.PathLike[str] | None = None,
+    masters: dict[str, torch.Tensor] | None = None,
 ) -> list[dict[str, float | int]]:
     """Trains ``model`` in place with ``method``'s loss; returns the history.
 
-    The caller guards the model's modes and grad flags; this function sets them freely.
+    The caller guards the model's modes, grad flags and gradients; this function sets them
+    freely. A checkpoint is read and checked before any work, and applied after ``prepare``.
+    When ``masters`` is a dict, it receives the final float32 masters of the trained
+    low-precision parameters (on the CPU).
     """
     name = method.name or type(method).__name__
     model.eval()
+    opt = MasterOptimizer(
+        model,
+        params,
+        lr=cfg.lr,
+        betas=cfg.betas,
+        weight_decay=cfg.weight_decay,
+        masters=cfg.master_weights,
+    )
+    fingerprint = _fingerprint(method, cfg, list(params), data)
+    checkpoint = None
+    if checkpoint_dir is not None:
+        checkpoint = read_checkpoint(checkpoint_dir, optimizer=opt, fingerprint=fingerprint)
     with torch.no_grad():
         method.prepare(model, data)
     model.requires_grad_(False)
-    trained = list(params.values())
-    for p in trained:
+    for p in params.values():
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(
-        trained, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
-    )
     eval_sets = {"forget": data.forget[: cfg.eval_size]}
     if data.retain is not None:
         eval_sets["retain"] = data.retain[: cfg.eval_size]
-    fingerprint = _fingerprint(method, cfg, list(params), data)
     start, history = 0, []
-    if checkpoint_dir is not None:
-        resumed = load_checkpoint(
-            checkpoint_dir, params=params, optimizer=optimizer, fingerprint=fingerprint
+    try:
+        if checkpoint is not None:
+            restore_checkpoint(checkpoint, opt)
+            opt.write_back()
+            start, history = checkpoint.step, list(checkpoint.history)
+        if start == 0:
+            history = [{"step": 0, **evaluate_sets(model, eval_sets, cfg.batch_size)}]
+        bar = progress_bar(
+            range(start, cfg.steps),
+            progress=progress,
+            desc=f"unlearn[{name}]",
+            initial=start,
+            total=cfg.steps,
         )
-        if resumed is not None:
-            start, history = resumed
-    if start == 0:
-        history = [{"step": 0, **evaluate_sets(model, eval_sets, cfg.batch_size)}]
-    bar = tqdm(
-        range(start, cfg.steps),
-        disable=not progress,
-        desc=f"unlearn[{name}]",
-        initial=start,
-        total=cfg.steps,
-    )
-    for step in bar:
-        model.train()
-        lr = cfg.lr * cfg.lr_factor(step)  # the schedule is a function of the step alone
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = _make_batch(data.forget, data.retain, cfg, step)
-        out = _as_loss(method.loss(model, batch), name)
-        loss = float(out.total.detach())
-        out.total.backward()
-        grad_norm = _grad_norm(trained, cfg.max_grad_norm)
-        _check_finite(loss, grad_norm, step, name, cfg, model, optimizer)
-        row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm}
-        row.update({k: float(v.detach()) for k, v in out.parts.items()})
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
-            row.update(evaluate_sets(model, eval_sets, cfg.batch_size))
-        history.append(row)
-        bar.set_postfix(loss=f"{loss:.4g}")
-        if checkpoint_dir is not None and (
-            done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
-        ):
-            save_checkpoint(
-                checkpoint_dir,
-                step=done,
-                params=params,
-                optimizer=optimizer,
-                history=history,
-                fingerprint=fingerprint,
-            )
-    bar.close()
+        for step in bar:
+            model.train()
+            row = _step(model, method, data, cfg, opt, step, name)
+            done = step + 1
+            if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
+                row.update(evaluate_sets(model, eval_sets, cfg.batch_size))
+            history.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.4g}")
+            if checkpoint_dir is not None and (
+                done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+            ):
+                save_checkpoint(
+                    checkpoint_dir,
+                    step=done,
+                    optimizer=opt,
+                    history=history,
+                    fingerprint=fingerprint,
+                )
+        bar.close()
+    finally:
+        opt.finish()
+    if masters is not None:
+        masters.update(
+            {
+                n: m.detach().cpu()
+                for n, m in opt.master_state().items()
+                if is_low_precision(params[n].dtype) and m.dtype == torch.float32
+            }
+        )
     model.eval()
     return history
-
-
-def _resolve_steps(
-    steps: int | None, epochs: int | None, default: int, n: int, batch_size: int
-) -> int:
-    if steps is not None and epochs is not None:
-        raise ConfigError(f"give steps or epochs, not both (got steps={steps}, epochs={epochs})")
-    if epochs is not None:
-        if not isinstance(epochs, int) or epochs < 1:
-            raise ConfigError(f"epochs must be a positive integer, got {epochs!r}")
-        return epochs * -(-n // batch_size)
-    return default if steps is None else steps
-
-
-def unlearn(
-    model: HookedTransformer,
-    forget: TrainSet,
-    *,
-    retain: TrainSet | None = None,
-    method: str = "npo",
-    steps: int | None = None,
-    epochs: int | None = None,
-    lr: float | None = None,
-    batch_size: int = 32,
-    params: ParamSpec = None,
-    seed: int = 0,
-    progress: bool = True,
-    checkpoint_dir: str | os.PathLike[str] | None = None,
-    inplace: bool = False,
-    eval_every: int | None = None,
-    weight_decay: float = 0.01,
-    warmup_ratio: float = 0.1,
-    schedule: str = "constant",
-    max_grad_norm: float | None = 1.0,
-    max_length: int = 128,
-    eval_size: int = 64,
-    checkpoint_every: int = 0,
-    **method_args: Any,
-) -> UnlearnRun:
-    """Unlearns ``forget`` from a copy of ``model`` by fine-tuning with a registered method.
-
-    Args:
-        model: The model to unlearn from. It is copied and left untouched (weights, modes,
-            grad flags, hooks) unless ``inplace=True``, which trains it directly (its modes and
-            grad flags still come back as they were).
-        forget: What to forget: a PromptSet or ``(question, answer)`` pairs (loss on the answer
-            tokens), or plain texts (cut into ``max_length``-token chunks, loss on every token).
-        retain: What to keep, in the same forms; required by methods with a retain term.
-        method: A registered method name (see :func:`available_methods`): ``ga``,
-            ``grad_diff``, ``npo``, ``npo_kl``, ``npo_rt``, ``simnpo``, ``dpo``,
-            ``dpo_retain``, ``rmu``, ``idk`` or your own.
-        steps: Optimizer steps (default: the method's ``default_steps``).
-        epochs: Alternatively, passes over the forget set.
-        lr: Peak learning rate (default: the method's ``default_lr``, tuned on the toy world;
-            1e-5 to 5e-5 is typical for 7B models).
-        batch_size: Forget (and retain) examples per step.
-        params: Which parameters train (see :data:`~unlearnlens.components.ParamSpec`);
-            the rest are frozen. Default: all, or the method's own default (RMU).
-        seed: Seed of the batch order and of the method's random draws.
-        progress: Show a progress bar.
-        checkpoint_dir: Save checkpoints here, and resume from the newest one if present; a
-            resumed run ends bit-identical to an uninterrupted one.
-        inplace: Train ``model`` itself instead of a copy.
-        eval_every: Record forget/retain metrics every this many steps (default: a tenth of
-            the run; 0: only before and after).
-        weight_decay: AdamW weight decay.
-        warmup_ratio: Fraction of the steps with a linear learning-rate warm-up.
-        schedule: ``"constant"`` or ``"linear"`` decay after warm-up.
-        max_grad_norm: Gradient clipping norm (``None``: no clipping).
-        max_length: Chunk length for plain texts.
-        eval_size: Number of forget/retain examples the metrics are computed on.
-        checkpoint_every: Steps between checkpoints (0: only at the end).
-        **method_args: Fields of the method's config (``beta=0.1``, ``retain_weight=1.5``).
-
-    Returns:
-        An :class:`UnlearnRun` with the model, the history and the configuration.
-
-    Raises:
-        UnknownMethodError: ``method`` is not registered.
-        ConfigError: A bad option, or a method that needs ``retain`` given none.
-        PromptError: An empty or malformed forget/retain set.
-        ComponentError: ``params`` names an unknown component or selects nothing.
-        NonFiniteLossError: The loss or gradient became non-finite; the exception's ``step``
-            and ``model`` attributes give the step and the model at its last finite state.
-    """
-    check_model(model, "model")
-    if checkpoint_dir is not None:
-        check_writable(checkpoint_dir, what="checkpoint_dir")
-    meth = build_method(method, method_args)
-    forget_set = as_train_set(model, forget, max_length=max_length, what="forget")
-    retain_set = (
-        None
-        if retain is None
-        else as_train_set(model, retain, max_length=max_length, what="retain")
-    )
-    if meth.needs_retain() and retain_set is None:
-        raise ConfigError(
-            f"method {method!r} needs a retain set ({meth.config}); pass retain=... (or set its "
-            "retain weight to 0 where it has one)"
-        )
-    n_steps = _resolve_steps(steps, epochs, type(meth).default_steps, len(forget_set), batch_size)
-    cfg = TrainConfig(
-        method=method,
-        steps=n_steps,
-        lr=type(meth).default_lr if lr is None else lr,
-        batch_size=batch_size,
-        weight_decay=weight_decay,
-        warmup_ratio=warmup_ratio,
-        schedule=schedule,  # type: ignore[arg-type]
-        max_grad_norm=max_grad_norm,
-        seed=seed,
-        max_length=max_length,
-        eval_every=max(1, n_steps // 10) if eval_every is None else eval_every,
-        eval_size=eval_size,
-        checkpoint_every=checkpoint_every,
-    )
-    spec = meth.default_params(model) if params is None else params
-    resolve_params(model, spec)  # validate before any copy or work
-    work = model if inplace else _copy_model(model)
-    data = TrainData(forget_set, retain_set, batch_size, seed)
-    # a copy starts with the caller's modes and grad flags, and comes back with them too
-    with preserved(work, eval_mode=False, no_grad=False):
-        selected = resolve_params(work, spec)
-        history = train(
-            work, meth, data, cfg, selected, progress=progress, checkpoint_dir=checkpoint_dir
-        )
-    return UnlearnRun(work, tuple(history), cfg, meth.config, tuple(selected))

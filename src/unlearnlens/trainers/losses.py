@@ -24,14 +24,17 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
     from unlearnlens.prompts import PromptSet
+    from unlearnlens.trainers.base import Batch
 
 __all__ = [
     "answer_logprobs",
     "dpo_loss",
+    "forget_nll",
     "kl_to_reference",
     "nll",
     "npo_loss",
     "per_example",
+    "retain_nll",
     "sequence_logprob",
 ]
 
@@ -46,10 +49,30 @@ def sequence_logprob(model: HookedTransformer, prompts: PromptSet) -> Float[Tens
     return answer_logprobs(model, prompts).sum(-1)
 
 
-def nll(model: HookedTransformer, prompts: PromptSet) -> Float[Tensor, ""]:
-    """Mean over all answer tokens of the batch of ``-log p(token)``."""
+def nll(
+    model: HookedTransformer, prompts: PromptSet, denominator: float | None = None
+) -> Float[Tensor, ""]:
+    """Mean over all answer tokens of the batch of ``-log p(token)``.
+
+    ``denominator`` replaces the batch's answer-token count (see :meth:`Batch.denominator`,
+    which makes micro-batches of an accumulated step add up to the whole step's mean).
+    """
     lp = answer_logprobs(model, prompts)
-    return -lp.sum() / prompts.answer_lengths.sum().to(lp.device)
+    if denominator is None:
+        return -lp.sum() / prompts.answer_lengths.sum().to(lp.device)
+    return -lp.sum() / denominator
+
+
+def forget_nll(model: HookedTransformer, batch: Batch) -> Float[Tensor, ""]:
+    """:func:`nll` of the forget examples, normalised by the whole step's answer tokens."""
+    return nll(model, batch.forget, batch.denominator(lambda b: b.forget.answer_lengths.sum()))
+
+
+def retain_nll(model: HookedTransformer, batch: Batch) -> Float[Tensor, ""]:
+    """:func:`nll` of the retain examples, normalised by the whole step's answer tokens."""
+    return nll(
+        model, batch.retain_set, batch.denominator(lambda b: b.retain_set.answer_lengths.sum())
+    )
 
 
 def npo_loss(log_ratio: Float[Tensor, " batch"], beta: float) -> Float[Tensor, ""]:
@@ -65,18 +88,22 @@ def dpo_loss(
 
 
 def kl_to_reference(
-    model: HookedTransformer, reference: HookedTransformer, prompts: PromptSet
+    model: HookedTransformer,
+    reference: HookedTransformer,
+    prompts: PromptSet,
+    denominator: float | None = None,
 ) -> Float[Tensor, ""]:
     """Mean over real target positions of ``KL(π_ref(·|x_<t) ‖ π_θ(·|x_<t))``.
 
-    The reference runs without gradients; the model with them.
+    The reference runs without gradients; the model with them. ``denominator`` replaces the
+    count of target positions, as in :func:`nll`.
     """
     with torch.no_grad():
         ref_logp = torch.log_softmax(target_logits(reference, prompts), dim=-1)
     logp = torch.log_softmax(target_logits(model, prompts), dim=-1)
     kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
     mask = prompts.answer_mask.to(kl.device)
-    return (kl * mask).sum() / mask.sum()
+    return (kl * mask).sum() / (mask.sum() if denominator is None else denominator)
 
 
 def per_example(

@@ -10,9 +10,9 @@ from unlearnlens.errors import ConfigError
 from unlearnlens.trainers.base import Batch, MethodConfig, MethodLoss, TrainData, UnlearningMethod
 from unlearnlens.trainers.losses import (
     kl_to_reference,
-    nll,
     npo_loss,
     per_example,
+    retain_nll,
     sequence_logprob,
 )
 from unlearnlens.trainers.registry import register_method
@@ -109,7 +109,12 @@ class NPOKL(NPO):
     def loss(self, model: HookedTransformer, batch: Batch) -> MethodLoss:
         """``NPO(forget) + w_r · KL(ref ‖ θ)`` on the retain batch."""
         out = self.forget_loss(model, batch)
-        kl = kl_to_reference(model, self.reference, batch.retain_set)
+        kl = kl_to_reference(
+            model,
+            self.reference,
+            batch.retain_set,
+            batch.denominator(lambda b: b.retain_set.answer_lengths.sum()),
+        )
         return MethodLoss(
             out.total + self.config.retain_weight * kl, {**out.parts, "retain_kl": kl}
         )
@@ -129,7 +134,7 @@ class NPORT(NPO):
     def loss(self, model: HookedTransformer, batch: Batch) -> MethodLoss:
         """``NPO(forget) + w_r · NLL(retain)``."""
         out = self.forget_loss(model, batch)
-        retain = nll(model, batch.retain_set)
+        retain = retain_nll(model, batch)
         return MethodLoss(
             out.total + self.config.retain_weight * retain, {**out.parts, "retain_nll": retain}
         )

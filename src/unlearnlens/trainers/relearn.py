@@ -17,6 +17,7 @@ from unlearnlens.trainers.config import TrainConfig
 from unlearnlens.trainers.data import TrainSet, as_train_set
 from unlearnlens.trainers.loop import _copy_model, evaluate_sets, train
 from unlearnlens.trainers.losses import nll
+from unlearnlens.trainers.run import kept_grads
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -64,7 +65,7 @@ def relearn(
     batch_size: int = 8,
     seed: int = 0,
     eval: Prompts | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> RelearnRun:
     """Fine-tunes a copy of ``model`` on ``data`` for a few steps (the relearning attack).
 
@@ -76,7 +77,7 @@ def relearn(
         batch_size: Examples per step.
         seed: Seed of the batch order.
         eval: Prompts (typically the forget questions) scored before and after the attack.
-        progress: Show a progress bar.
+        progress: Show a progress bar (``None``: the library-wide setting).
 
     Raises:
         PromptError: Empty or malformed ``data`` or ``eval``.
@@ -97,7 +98,7 @@ def relearn(
     work = _copy_model(model)
     selected = dict(work.named_parameters())
     method = FineTune()
-    with preserved(work, eval_mode=False, no_grad=False):
+    with preserved(work, eval_mode=False, no_grad=False), kept_grads(work):
         history = train(
             work,
             method,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -9,6 +11,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from unlearnlens._checks import check_int
 from unlearnlens.components import ParamSelection
 from unlearnlens.errors import ConfigError, LayerError
 from unlearnlens.trainers.base import Batch, MethodConfig, MethodLoss, TrainData, UnlearningMethod
@@ -19,7 +22,7 @@ if TYPE_CHECKING:
 
     from unlearnlens.prompts import PromptSet
 
-__all__ = ["RMU", "RMUConfig", "residual_at", "rmu_positions"]
+__all__ = ["RMU", "RMUConfig", "cache_bytes", "residual_at", "rmu_positions"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,12 @@ class RMUConfig(MethodConfig):
     answer tokens; for plain texts, every position but the last) or ``"all"`` real tokens."""
     trained_layers: int = 3
     """With ``params=None``, train ``mlp.W_out`` of this many layers ending at ``l``."""
+    retain_cache_bytes: int = 2**30
+    """Most bytes the cache of the starting model's retain activations may take on the host
+    (float32, retain examples x seq x d_model). A retain set beyond it is not cached: each
+    step recomputes its reference activations with the trained parameters' starting values
+    put back for one no-grad forward pass to layer ``l`` (one extra partial forward per step,
+    and a copy of the trained parameters' starting values instead of the cache)."""
 
     def __post_init__(self) -> None:
         if self.steering_coef is not None and self.steering_coef <= 0:
@@ -53,6 +62,7 @@ class RMUConfig(MethodConfig):
             raise ConfigError(f"positions must be 'target' or 'all', got {self.positions!r}")
         if self.trained_layers < 1:
             raise ConfigError(f"trained_layers must be at least 1, got {self.trained_layers}")
+        check_int(self.retain_cache_bytes, "retain_cache_bytes", minimum=0)
 
 
 def residual_at(
@@ -76,10 +86,29 @@ def rmu_positions(prompts: PromptSet, kind: str) -> Bool[Tensor, "batch seq"]:
     return (pos >= start) & (pos <= prompts.last_target_position[:, None])
 
 
-def _masked_mse(diff: Tensor, mask: Tensor) -> Tensor:
+def _masked_mse(diff: Tensor, mask: Tensor, denominator: float) -> Tensor:
     sq = diff.float().pow(2).mean(-1)
     mask = mask.to(sq.device)
-    return (sq * mask).sum() / mask.sum()
+    return (sq * mask).sum() / denominator
+
+
+def cache_bytes(retain: PromptSet, d_model: int) -> int:
+    """Bytes of the float32 cache of ``retain``'s activations (examples x seq x d_model)."""
+    return len(retain) * retain.seq_len * d_model * 4
+
+
+@contextmanager
+def _starting_values(model: HookedTransformer, start: dict[str, Tensor]) -> Iterator[None]:
+    """Puts the trained parameters' starting values in place for a no-grad pass, then back."""
+    params = dict(model.named_parameters())
+    now = {n: params[n].data for n in start}
+    try:
+        for n, v in start.items():
+            params[n].data = v
+        yield
+    finally:
+        for n, v in now.items():
+            params[n].data = v
 
 
 @register_method("rmu")
@@ -93,7 +122,13 @@ class RMU(UnlearningMethod):
     over ``d_model`` and the chosen positions, as ``F.mse_loss`` does (Li et al., 2024, "The
     WMDP Benchmark", arXiv 2403.03218). With ``params=None`` only ``mlp.W_out`` of layers
     ``l-2 .. l`` train. The starting model's retain activations at layer ``l`` are computed
-    once before training and kept on the CPU (retain examples × seq × d_model floats).
+    once before training and kept on the CPU (retain examples × seq × d_model floats) when
+    they fit in ``retain_cache_bytes``; otherwise they are recomputed each step from the
+    trained parameters' starting values (see :attr:`RMUConfig.retain_cache_bytes`).
+
+    Both terms are means over tokens: the squared distance is averaged over ``d_model`` at
+    each chosen position, then over all chosen positions of the batch (a long example counts
+    more than a short one), as ``F.mse_loss`` over the stacked positions.
     """
 
     config_class = RMUConfig
@@ -134,22 +169,42 @@ class RMU(UnlearningMethod):
                 total += float(h.norm(dim=-1)[mask].sum())
                 count += int(mask.sum())
             self.c = cfg.adaptive_scale * total / count
-        ref = torch.zeros(len(data.retain), data.retain.seq_len, model.cfg.d_model)
-        for sl, chunk in data.retain.batches(data.batch_size):
-            ref[sl, : chunk.seq_len] = residual_at(model, chunk, self.l).float().cpu()
-        self.ref_retain = ref
+        self.ref_retain: Tensor | None = None
+        self.start: dict[str, Tensor] | None = None
+        if cache_bytes(data.retain, model.cfg.d_model) <= cfg.retain_cache_bytes:
+            ref = torch.zeros(len(data.retain), data.retain.seq_len, model.cfg.d_model)
+            for sl, chunk in data.retain.batches(data.batch_size):
+                ref[sl, : chunk.seq_len] = residual_at(model, chunk, self.l).float().cpu()
+            self.ref_retain = ref
+        else:
+            params = dict(model.named_parameters())
+            names = data.trained or tuple(params)
+            self.start = {n: params[n].detach().clone() for n in names}
+
+    def reference(self, model: HookedTransformer, batch: Batch) -> Float[Tensor, "b seq d"]:
+        """The starting model's float32 retain activations for the batch (cached or recomputed)."""
+        retain_set = batch.retain_set
+        if self.ref_retain is not None:
+            idx = batch.retain_index
+            if idx is None:
+                idx = torch.arange(len(retain_set))
+            return self.ref_retain[idx, : retain_set.seq_len]
+        if self.start is None:
+            raise RuntimeError("RMU.reference needs prepare() to have run")
+        with torch.no_grad(), _starting_values(model, self.start):
+            return residual_at(model, retain_set, self.l).float()
 
     def loss(self, model: HookedTransformer, batch: Batch) -> MethodLoss:
         """The RMU loss: forget activations towards ``c·u``, retain activations held fixed."""
         cfg = self.config
+        ref = self.reference(model, batch)  # before the grad passes, which save the weights
         h_f = residual_at(model, batch.forget, self.l)
         target = (self.c * self.u).to(h_f.device, h_f.dtype)
-        forget = _masked_mse(h_f - target, rmu_positions(batch.forget, cfg.positions))
+        n_f = batch.denominator(lambda b: rmu_positions(b.forget, cfg.positions).sum())
+        forget = _masked_mse(h_f - target, rmu_positions(batch.forget, cfg.positions), n_f)
         retain_set = batch.retain_set
         h_r = residual_at(model, retain_set, self.l)
-        idx = (
-            batch.retain_index if batch.retain_index is not None else torch.arange(len(retain_set))
-        )
-        ref = self.ref_retain[idx, : retain_set.seq_len].to(h_r.device)
-        retain = _masked_mse(h_r.float() - ref, rmu_positions(retain_set, cfg.positions))
+        n_r = batch.denominator(lambda b: rmu_positions(b.retain_set, cfg.positions).sum())
+        mask = rmu_positions(retain_set, cfg.positions)
+        retain = _masked_mse(h_r.float() - ref.to(h_r.device), mask, n_r)
         return MethodLoss(forget + cfg.alpha * retain, {"forget_mse": forget, "retain_mse": retain})

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from unlearnlens.errors import ConfigError
 from unlearnlens.trainers.base import Batch, MethodConfig, MethodLoss, UnlearningMethod
-from unlearnlens.trainers.losses import nll, sequence_logprob
+from unlearnlens.trainers.losses import retain_nll, sequence_logprob
 from unlearnlens.trainers.registry import register_method
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ class SimNPO(UnlearningMethod):
         parts = {"simnpo": forget, "forget_logprob": logp.mean()}
         total = forget
         if cfg.retain_weight > 0 and batch.retain is not None:
-            retain = nll(model, batch.retain)
+            retain = retain_nll(model, batch)
             total = total + cfg.retain_weight * retain
             parts["retain_nll"] = retain
         return MethodLoss(total, parts)
