@@ -168,9 +168,13 @@ def test_offload_device_follows_where_the_tensors_live():
     assert _offload.offload_device(model, CPU) is None
     meta = torch.device("meta")
     assert _offload.offload_device(model, meta) == meta
+    # a pair split alike over several devices runs where it is
+    assert _offload.offload_device(model, meta, {CPU, meta}) is None
     with _offload.forced():
         assert _offload.offload_device(model, CPU) == CPU
+        assert _offload.pair_offload(model, model) == CPU
     assert not _offload.is_forced()
+    assert _offload.pair_offload(model, model) is None
 
 
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])

@@ -37,12 +37,14 @@ from unlearnlens.errors import ConfigError
 __all__ = [
     "check_device",
     "device_of",
+    "devices_of",
     "final_norm",
     "forced",
     "is_forced",
     "logits",
     "moved",
     "offload_device",
+    "pair_offload",
     "run_blocks",
 ]
 
@@ -89,18 +91,32 @@ def check_device(device: object, name: str = "device") -> torch.device | None:
         raise ConfigError(f"{name}={device!r} is not a device: {e}") from e
 
 
-def offload_device(model: HookedTransformer, device: torch.device) -> torch.device | None:
+def devices_of(model: nn.Module) -> set[torch.device]:
+    """Every device one of the model's parameters or buffers lives on."""
+    return {t.device for t in itertools.chain(model.parameters(), model.buffers())}
+
+
+def offload_device(
+    model: HookedTransformer, device: torch.device, allowed: set[torch.device] | None = None
+) -> torch.device | None:
     """Where to run ``model`` block by block, or None to run it where it is.
 
-    ``device`` when some parameter or buffer of the model lives elsewhere (or inside
-    :func:`forced`); None when the whole model is already on ``device``.
+    ``device`` when some parameter or buffer of the model lives outside ``allowed`` (by
+    default ``{device}``; for a pair, the devices the target itself spans, so that two models
+    split alike over several GPUs still run where they are), or inside :func:`forced`.
     """
     if _FORCED.get():
         return device
+    allowed = {device} if allowed is None else allowed
     for t in itertools.chain(model.parameters(), model.buffers()):
-        if t.device != device:
+        if t.device not in allowed:
             return device
     return None
+
+
+def pair_offload(source: HookedTransformer, target: HookedTransformer) -> torch.device | None:
+    """Where to run the source of a pair block by block (the target's device), or None."""
+    return offload_device(source, device_of(target), devices_of(target))
 
 
 def _put_back(originals: list[tuple[nn.Module, dict, dict]]) -> None:

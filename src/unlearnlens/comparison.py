@@ -407,7 +407,7 @@ def compare_coefficients(
     ps.check_fits(unlearned)
 
     # A base model that lives off the unlearned model's device runs there block by block.
-    offload = _offload.offload_device(base, _offload.device_of(unlearned))
+    offload = _offload.pair_offload(base, unlearned)
     dev = base.cfg.device if offload is None else offload
     n_l, d_mlp = len(layer_list), base.cfg.d_mlp
     names = [hook_post_name(layer) for layer in layer_list] + [_final_norm_name(base)]

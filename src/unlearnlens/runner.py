@@ -526,7 +526,7 @@ def run_variants(
     copy only the tensors they swap.
     """
     n_layers = target.cfg.n_layers
-    offload = _offload.offload_device(source, _offload.device_of(target))
+    offload = _offload.pair_offload(source, target)
     rows_per_pass = batch_size or default_batch_size(prompts)
     chunk_size = min(len(prompts), rows_per_pass)
     source_hooks = {p.name for v in variants for p in v.patches}
