@@ -310,10 +310,12 @@ def test_the_source_comes_back_after_an_interrupt_in_a_block(model_pair, exc):
 
 @pytest.fixture
 def cuda_pair():
-    """(base on the CPU, unlearned on CUDA, both on CUDA)."""
+    """(base on the CPU, unlearned on CUDA, a copy of base on CUDA)."""
     base = build_model("llama", seed=1)
     unlearned = perturbed(base, 0.15, seed=2)
-    return base, unlearned.to("cuda"), perturbed(base, 0.0, seed=0).to("cuda")
+    cuda = torch.device("cuda")
+    copy = perturbed(base, 0.0, seed=0)
+    return base, unlearned.to(cuda, print_details=False), copy.to(cuda, print_details=False)
 
 
 @needs_cuda
