@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import bench_offload
 import bench_patching
 import bench_restoration
 import bench_unlearn
@@ -30,6 +31,7 @@ def main() -> None:
         ("patching", bench_patching),
         ("restoration", bench_restoration),
         ("unlearn", bench_unlearn),
+        ("offload", bench_offload),
     ]:
         print(f"== {name}")
         sys.argv = [module.__file__]  # each benchmark's own defaults

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import runpy
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,6 +82,24 @@ def test_dissect_writes_a_report_of_the_concept(saved, tmp_path, capsys):
     )
     assert study.sweeps["u1"]["patch_mlp"] == patch_mlp_coefficients(base, u1, ps, progress=False)
     assert study.evaluation.meta["n_prompts"] == {"forget": 3, "unrelated": 2}
+
+
+def test_dissect_loads_the_base_on_its_own_device(saved, tmp_path, monkeypatch):
+    import unlearnlens.cli as cli
+
+    seen = []
+    real = cli.load_any
+
+    def recording(path, *, device=None, dtype=None):
+        seen.append((Path(path).name, device))
+        return real(path, device=device, dtype=dtype)
+
+    monkeypatch.setattr(cli, "load_any", recording)
+    args = ["dissect", "--base", str(saved / "base"), "--unlearned", f"u1={saved / 'u1'}"]
+    args += ["--concepts", str(saved / "concepts.json"), "--out", str(tmp_path / "r")]
+    args += ["--base-device", "cpu", "--analyses", "patch_mlp", "--window", "1"]
+    assert main([*args, "--max-new-tokens", "2", "--no-progress"]) == 0
+    assert seen == [("base", "cpu"), ("u1", None)]
 
 
 def test_unlearn_saves_the_unlearned_model(saved, tmp_path, capsys):

@@ -306,7 +306,7 @@ def _dissect(args: argparse.Namespace) -> int:
         raise ConfigError(f"concept {concept.concept!r} has no QA questions")
     print(f"concept: {concept.concept} ({len(concept.qa)} questions)", file=sys.stderr)
 
-    base = load_any(args.base, device=args.device, dtype=args.dtype)
+    base = load_any(args.base, device=args.base_device or args.device, dtype=args.dtype)
     models = {n: load_any(p, device=args.device, dtype=args.dtype) for n, p in paths.items()}
     questions = [format_question(q) for q in concept.qa]
     prompts = PromptSet.from_model_answers(base, questions, max_new_tokens=args.max_new_tokens)
@@ -396,6 +396,11 @@ def _parser() -> _Parser:
     dis.add_argument("--concept", help="concept name (default: the file's first entry)")
     dis.add_argument("--out", required=True, help="report folder")
     dis.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    dis.add_argument(
+        "--base-device",
+        help="where the base model lives (default: --device); cpu keeps one model on the GPU: "
+        "the sweeps run the base block by block there",
+    )
     dis.add_argument(
         "--dtype", choices=_DTYPES, help="parameter dtype (default float32 for HF checkpoints)"
     )

@@ -23,6 +23,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from unlearnlens import _offload
 from unlearnlens._checks import check_batch_size, check_has_mlp, check_layers
 from unlearnlens._finite import check_finite
 from unlearnlens._guard import preserved
@@ -132,25 +133,28 @@ def capture(
     positions: Tensor,
     *,
     stop_at_layer: int,
+    device: torch.device | None = None,
 ) -> dict[str, Tensor]:
     """One forward pass; the named activations at ``positions`` (``[batch, pos]``) only.
 
     Each hook gathers its positions as the pass goes, so no full ``[batch, seq, ...]``
-    activation is kept. Runs under the caller's grad mode; the caller guards the model.
+    activation is kept. With ``device``, the blocks run there one at a time, with their weights
+    copied for the pass (:func:`unlearnlens._offload.run_blocks`). Runs under the caller's grad
+    mode; the caller guards the model.
     """
     store: dict[str, Tensor] = {}
 
     def keep(act: Tensor, hook: object) -> None:
         store[hook.name] = _take(act, positions)  # type: ignore[attr-defined]
 
-    device = model.cfg.device
     n = int(positions.max()) + 1
+    tokens, mask = chunk.tokens[:, :n], chunk.attention_mask[:, :n]
     with model.hooks(fwd_hooks=[(name, keep) for name in names]):
-        model(
-            chunk.tokens[:, :n].to(device),
-            attention_mask=chunk.attention_mask[:, :n].to(device),
-            stop_at_layer=stop_at_layer,
-        )
+        if device is None:
+            dev = model.cfg.device
+            model(tokens.to(dev), attention_mask=mask.to(dev), stop_at_layer=stop_at_layer)
+        else:
+            _offload.run_blocks(model, tokens, mask, device=device, stop_at_layer=stop_at_layer)
     return store
 
 
@@ -186,6 +190,14 @@ def _prepare(
     return layer_list, ps, _select(ps, positions), [hook_post_name(layer) for layer in layer_list]
 
 
+def _run_device(model: HookedTransformer, device: object) -> torch.device | None:
+    """Where to run ``model`` block by block for a read-out on ``device`` (None: as it is)."""
+    wanted = _offload.check_device(device)
+    if wanted is None:
+        return _offload.device_of(model) if _offload.is_forced() else None
+    return _offload.offload_device(model, wanted)
+
+
 # ------------------------------------------------------------------------------- read-out
 
 
@@ -197,6 +209,7 @@ def mlp_coefficients(
     positions: CoefficientPositions | str = "answer",
     batch_size: int | None = None,
     progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> Float[Tensor, "layer batch pos d_mlp"]:
     """The MLP coefficients (``blocks.{l}.mlp.hook_post``) at the chosen positions.
 
@@ -213,22 +226,35 @@ def mlp_coefficients(
             ``[batch, pos]`` mask of real slots.
         batch_size: Prompts per forward pass; all at once by default.
         progress: Show a progress bar over batches.
+        device: Where to run the model; its own device by default. A model that lives
+            elsewhere (a base model kept on the CPU) runs there block by block, one block's
+            weights copied at a time, and gives the same numbers.
 
     Returns:
-        ``[layer, batch, pos, d_mlp]`` coefficients in the model's dtype, on its device; slots
-        beyond a sequence's selected positions are zero. For a reduction over many prompts
-        that does not hold them all, use :func:`mlp_coefficient_stats`.
+        ``[layer, batch, pos, d_mlp]`` coefficients in the model's dtype, on its device (on
+        ``device`` when given); slots beyond a sequence's selected positions are zero. For a
+        reduction over many prompts that does not hold them all, use
+        :func:`mlp_coefficient_stats`.
 
     Raises:
         LayerError: A layer out of range.
         PromptError: Bad prompts or a bad ``positions`` value.
+        ConfigError: ``device`` is not a device.
     """
     layer_list, ps, sel, names = _prepare(model, prompts, layers, positions)
+    run_on = _run_device(model, device)
     out: list[Tensor] = []
     with preserved(model):
         for rows, chunk in prompt_batches(ps, batch_size, progress, "mlp coefficients"):
             part = sel[rows]
-            acts = capture(model, chunk, names, part.positions, stop_at_layer=max(layer_list) + 1)
+            acts = capture(
+                model,
+                chunk,
+                names,
+                part.positions,
+                stop_at_layer=max(layer_list) + 1,
+                device=run_on,
+            )
             coef = torch.stack([acts[name] for name in names])
             out.append(coef * part.mask.to(coef.device)[None, :, :, None])
     return torch.cat(out, dim=1)
@@ -273,6 +299,7 @@ def mlp_coefficient_stats(
     positions: CoefficientPositions | str = "answer",
     batch_size: int | None = None,
     progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> CoefficientStats:
     """Streaming moments of the MLP coefficients, without holding them all.
 
@@ -288,6 +315,7 @@ def mlp_coefficient_stats(
             ``"last"`` (see :func:`coefficient_positions`).
         batch_size: Prompts per forward pass; all at once by default.
         progress: Show a progress bar over batches.
+        device: Where to run the model, as in :func:`mlp_coefficients`.
 
     Returns:
         A :class:`CoefficientStats` of float32 ``[layer, d_mlp]`` moments on the CPU.
@@ -295,16 +323,25 @@ def mlp_coefficient_stats(
     Raises:
         LayerError: A layer out of range.
         PromptError: Bad prompts or a bad ``positions`` value.
+        ConfigError: ``device`` is not a device.
     """
     layer_list, ps, sel, names = _prepare(model, prompts, layers, positions)
+    run_on = _run_device(model, device)
     shape = (len(layer_list), model.cfg.d_mlp)
-    dev = model.cfg.device
+    dev = model.cfg.device if run_on is None else run_on
     s1, s_abs, s2 = (torch.zeros(shape, dtype=torch.float64, device=dev) for _ in range(3))
     count = 0
     with preserved(model):
         for rows, chunk in prompt_batches(ps, batch_size, progress, "mlp coefficient stats"):
             part = sel[rows]
-            acts = capture(model, chunk, names, part.positions, stop_at_layer=max(layer_list) + 1)
+            acts = capture(
+                model,
+                chunk,
+                names,
+                part.positions,
+                stop_at_layer=max(layer_list) + 1,
+                device=run_on,
+            )
             mask = part.mask.to(dev)
             for i, name in enumerate(names):
                 c = acts[name].to(dev)[mask].double()  # [n_real, d_mlp]

@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from unlearnlens import _offload
 from unlearnlens._checks import check_batch_size, check_has_mlp, check_int, check_layers
 from unlearnlens._finite import check_finite
 from unlearnlens._guard import preserved
@@ -86,22 +87,35 @@ def answer_logit(
     model: HookedTransformer,
     resid: Float[Tensor, "batch answer d_model"],
     answer_tokens: Int[Tensor, "batch answer"],
+    device: torch.device | None = None,
 ) -> Float[Tensor, "batch answer"]:
-    """The answer token's logit (before any soft-cap) from the final residual stream."""
+    """The answer token's logit (before any soft-cap) from the final residual stream.
+
+    With ``device``, the model's final norm must be there (:func:`unlearnlens._offload.moved`)
+    and the unembedding streams there (:func:`unlearnlens._offload.logits`).
+    """
     normed = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
-    logits = model.unembed(normed).float()
+    if device is None:
+        logits = model.unembed(normed).float()
+    else:
+        logits = _offload.logits(model, normed, device).float()
     return logits.gather(-1, answer_tokens.to(logits.device)[..., None])[..., 0]
 
 
 def readout(
-    model: HookedTransformer, layer: int, answer_tokens: Int[Tensor, "batch answer"]
+    model: HookedTransformer,
+    layer: int,
+    answer_tokens: Int[Tensor, "batch answer"],
+    device: torch.device | None = None,
 ) -> Float[Tensor, "batch answer d_mlp"]:
     """``(centre(W_out[n]) * w_final) @ W_U[:, a]`` for every neuron and answer slot, float32.
 
     Divided by the final norm's scale and multiplied by the coefficient, this is the neuron's
-    direct contribution to the logit of ``a``.
+    direct contribution to the logit of ``a``. Computed where ``W_out`` lives, or on
+    ``device`` (copying only ``W_out``, the final norm's weight and the answers' columns).
     """
-    w_out = model.blocks[layer].mlp.W_out.float()  # [d_mlp, d_model]
+    w_out = model.blocks[layer].mlp.W_out
+    w_out = (w_out if device is None else w_out.to(device)).float()  # [d_mlp, d_model]
     if _centres(model):
         w_out = w_out - w_out.mean(-1, keepdim=True)
     w = getattr(model.ln_final, "w", None) if model.cfg.normalization_type is not None else None
@@ -398,7 +412,9 @@ def compare_coefficients(
     ps = as_promptset(base, prompts)
     ps.check_fits(unlearned)
 
-    dev = base.cfg.device
+    # A base model that lives off the unlearned model's device runs there block by block.
+    offload = _offload.pair_offload(base, unlearned)
+    dev = base.cfg.device if offload is None else offload
     n_l, d_mlp = len(layer_list), base.cfg.d_mlp
     names = [hook_post_name(layer) for layer in layer_list] + [_final_norm_name(base)]
     acc = {
@@ -416,11 +432,13 @@ def compare_coefficients(
             mask = chunk.answer_mask.to(dev)
             w = mask.double()[..., None]
             read = {}
-            for key, model in (("b", base), ("u", unlearned)):
-                acts = capture(model, chunk, names, pos, stop_at_layer=model.cfg.n_layers)
+            for key, model, on in (("b", base, offload), ("u", unlearned, None)):
+                n = model.cfg.n_layers
+                acts = capture(model, chunk, names, pos, stop_at_layer=n, device=on)
                 resid = acts[names[-1]]
-                read[key] = (acts, final_scale(model, resid).to(dev))
-                z = answer_logit(model, resid, toks).to(dev)
+                with _offload.moved(on, *_offload.final_norm(model)):
+                    read[key] = (acts, final_scale(model, resid).to(dev))
+                    z = answer_logit(model, resid, toks, on).to(dev)
                 z_sum[key] += float((z.double() * mask).sum())
             count += int(mask.sum())
             (acts_b, s_b), (acts_u, s_u) = read["b"], read["u"]
@@ -428,7 +446,7 @@ def compare_coefficients(
                 name = hook_post_name(layer)
                 cb = acts_b[name].float().to(dev)
                 cu = acts_u[name].float().to(dev)
-                r_b = readout(base, layer, toks).to(dev) / s_b[..., None]
+                r_b = readout(base, layer, toks, offload).to(dev) / s_b[..., None]
                 r_u = readout(unlearned, layer, toks).to(dev) / s_u[..., None]
                 delta = cu - cb
                 acc["cb"][i] += (cb * w).sum((0, 1))

@@ -13,6 +13,10 @@ module is the one place that does it, and where the speed comes from:
 * variants that start at the same layer and position share one forward pass, stacked along the
   batch dimension in chunks of ``batch_size`` rows;
 * the clean runs cache only the hooks the sweep needs.
+
+The source may live on another device than the target (the base model on the CPU, the
+unlearned model on the GPU): its clean runs then go block by block on the target's device, one
+block's weights there at a time (:mod:`unlearnlens._offload`), and give the same numbers.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformer_lens.utilities import apply_softcap
 
+from unlearnlens import _offload
 from unlearnlens._checks import check_batch_size
 from unlearnlens._guard import preserved
 from unlearnlens.metrics import BoundMetric
@@ -234,6 +239,42 @@ def _start_layer(variant: Variant, n_layers: int) -> int:
     return min(p.layer for p in variant.patches)
 
 
+def _source_run(
+    source: HookedTransformer,
+    chunk: PromptSet,
+    names: set[str],
+    offload: torch.device | None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The source's logits at the target positions and its activations at ``names``.
+
+    With ``offload`` (a device), the blocks run there one at a time (see
+    :func:`unlearnlens._offload.run_blocks`) and everything returned lives there.
+    """
+    n_layers = source.cfg.n_layers
+    end = int(chunk.last_target_position.max()) + 1
+    tokens, mask = chunk.tokens[:, :end], chunk.attention_mask[:, :end]
+    if offload is None:
+        resid, cache = source.run_with_cache(
+            tokens.to(source.cfg.device),
+            attention_mask=mask.to(source.cfg.device),
+            stop_at_layer=n_layers,
+            names_filter=lambda name: name in names,
+        )
+        return logits_from_residual(source, resid, chunk), dict(cache.items())
+    acts: dict[str, Tensor] = {}
+
+    def keep(act: Tensor, hook: object) -> None:
+        acts[hook.name] = act.detach()  # type: ignore[attr-defined]
+
+    with source.hooks(fwd_hooks=[(name, keep) for name in sorted(names)]):
+        resid = _offload.run_blocks(source, tokens, mask, device=offload, stop_at_layer=n_layers)
+    final = gather_targets(resid, chunk)
+    with _offload.moved(offload, *_offload.final_norm(source)):
+        if source.cfg.normalization_type is not None:
+            final = source.ln_final(final)
+    return _offload.logits(source, final, offload, soft_cap=True), acts
+
+
 def _clean_runs(
     source: HookedTransformer,
     target: HookedTransformer,
@@ -242,19 +283,12 @@ def _clean_runs(
     start_layers: set[int],
     want_kv: bool,
     mid_layers: frozenset[int] = frozenset(),
+    offload: torch.device | None = None,
 ) -> _Clean:
     n_layers = target.cfg.n_layers
     end = int(chunk.last_target_position.max()) + 1
     mask = chunk.attention_mask[:, :end]
-
-    src_tokens = chunk.tokens[:, :end].to(source.cfg.device)
-    src_resid, src_cache = source.run_with_cache(
-        src_tokens,
-        attention_mask=mask.to(source.cfg.device),
-        stop_at_layer=n_layers,
-        names_filter=lambda name: name in source_hooks,
-    )
-    src_logits = logits_from_residual(source, src_resid, chunk)
+    src_logits, src_acts = _source_run(source, chunk, source_hooks, offload)
 
     resid_names = {
         f"blocks.{layer}.hook_resid_pre" for layer in start_layers if 0 <= layer < n_layers
@@ -285,7 +319,7 @@ def _clean_runs(
     return _Clean(
         source_logits=src_logits,
         target_logits=logits_from_residual(target, tgt_resid, chunk),
-        source_acts={k: v for k, v in src_cache.items()},
+        source_acts=src_acts,
         target_resid=resid,
         kv=kv,
         target_mid={
@@ -487,9 +521,14 @@ def run_variants(
     Returns:
         Per-prompt scores of every variant, and of the clean target (baseline) and source
         (reference).
+
+    When the source does not live wholly on the target's device, its clean runs go block by
+    block on the target's device (see :mod:`unlearnlens._offload`); variants with a context
+    copy only the tensors they swap.
     """
     n_layers = target.cfg.n_layers
     batch_size = check_batch_size(batch_size)
+    offload = _offload.pair_offload(source, target)
     rows_per_pass = default_batch_size(prompts) if batch_size is None else batch_size
     chunk_size = min(len(prompts), rows_per_pass)
     source_hooks = {p.name for v in variants for p in v.patches}
@@ -515,12 +554,19 @@ def run_variants(
             want_kv = any(_first_position(v, chunk, sl) > 0 for v in variants)
             needs.append((starts, want_kv, mids))
             if keep:
-                clean = _clean_runs(source, target, chunk, source_hooks, starts, want_kv, mids)
+                clean = _clean_runs(
+                    source, target, chunk, source_hooks, starts, want_kv, mids, offload
+                )
                 cleans.append(clean)
                 refs.append((clean.source_logits, clean.target_logits))
             else:
                 cleans.append(None)
-                refs.append((target_logits(source, chunk), target_logits(target, chunk)))
+                zs = (
+                    target_logits(source, chunk)
+                    if offload is None
+                    else _source_run(source, chunk, set(), offload)[0]
+                )
+                refs.append((zs, target_logits(target, chunk)))
         for (sl, chunk), (zs, zt) in zip(chunks, refs):
             baseline[sl] = metric(zt, chunk, zs, zt).cpu()
             reference[sl] = metric(zs, chunk, zs, zt).cpu()
@@ -539,7 +585,9 @@ def run_variants(
                 chunks, plan, cleans, needs
             ):
                 if clean is None:
-                    clean = _clean_runs(source, target, chunk, source_hooks, starts, want_kv, mids)
+                    clean = _clean_runs(
+                        source, target, chunk, source_hooks, starts, want_kv, mids, offload
+                    )
                 end = int(chunk.last_target_position.max()) + 1
                 for idx, start, first in groups:
                     group = [variants[i] for i in idx]

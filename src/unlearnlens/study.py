@@ -158,7 +158,9 @@ def dissect(
     come back unchanged (hooks, weights, modes, grad flags), also after an interrupt.
 
     Args:
-        base: The original model (the source of every patch and restoration).
+        base: The original model (the source of every patch and restoration). It may live on
+            another device than the unlearned models (the CPU, with them on a GPU): the sweeps
+            and the coefficient comparison then run it block by block on their device.
         unlearned: One unlearned model, or a dict of method name -> model (one per unlearning
             method). A single model is named ``"unlearned"``.
         prompts: The forget questions with their answers: ``(question, answer)`` pairs or a
