@@ -47,12 +47,21 @@ def sweep_result(
     metric: BoundMetric,
     axes: dict[str, list[object]],
     meta: dict[str, object],
+    present: torch.Tensor | None = None,
 ) -> SweepResult:
-    """Aggregates per-prompt scores over prompts into a :class:`SweepResult` with these axes."""
+    """Aggregates per-prompt scores over prompts into a :class:`SweepResult` with these axes.
+
+    ``present`` (``[variant, batch]``, optional) marks which prompts a variant applies to: a
+    per-position patch at a position a prompt does not have (its padding) leaves that prompt
+    out (NaN in ``per_prompt``) instead of scoring it as unchanged.
+    """
     base = float(scores.baseline.nanmean())
     ref = float(scores.reference.nanmean())
     shape = [len(v) for v in axes.values()]
-    per_prompt = scores.per_prompt.reshape(*shape, -1)
+    per_prompt = scores.per_prompt
+    if present is not None:
+        per_prompt = torch.where(present.to(per_prompt.device), per_prompt, torch.nan)
+    per_prompt = per_prompt.reshape(*shape, -1)
     return SweepResult(
         scores=metric.aggregate(per_prompt, baseline=base, reference=ref),
         axes=axes,
@@ -98,7 +107,8 @@ def patch(
         positions: ``"all"`` real positions; ``"prompt"`` or ``"answer"`` tokens only;
             ``"last"`` prompt token; ``"each"``: one patch per position, which adds a ``pos``
             axis (as TransformerLens's ``get_act_patch_*`` functions do). Padding is never
-            patched.
+            patched: a prompt shorter than a position is left out of that position's score
+            (NaN in ``per_prompt``, skipped by the mean over prompts).
         metric: ``"krs"`` (default), ``"answer_logprob"``, ``"answer_prob"``, ``"accuracy"``,
             ``"recovery"``, or a callable ``(logits, prompts) -> [batch]``.
         batch_size: Most rows (prompts x stacked variants) per forward pass.
@@ -135,12 +145,15 @@ def patch(
     axes: dict[str, list[object]] = {"layer": list(centres)}
     if positions == "each":
         pos = torch.arange(ps.seq_len)
-        masks = [(pos == p)[None, :].expand(len(ps), -1) for p in range(ps.seq_len)]
+        real = ps.position_mask("all")
+        masks = [(pos == p)[None, :].expand(len(ps), -1) & real for p in range(ps.seq_len)]
         variants = [variant(c, m) for c in centres for m in masks]
+        present = torch.stack([m.any(-1) for m in masks]).repeat(len(centres), 1)
         axes["pos"] = list(range(ps.seq_len))
     else:
         mask = None if positions == "all" else ps.position_mask(positions)
         variants = [variant(c, mask) for c in centres]
+        present = None
 
     scores = run_variants(
         source,
@@ -161,7 +174,7 @@ def patch(
         "source": source.cfg.model_name,
         "target": target.cfg.model_name,
     }
-    return sweep_result(scores, bound, axes, meta)
+    return sweep_result(scores, bound, axes, meta, present)
 
 
 def patch_residual(
