@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 import torch
+from jaxtyping import Bool
+from torch import Tensor
 
 from unlearnlens._checks import check_layers, check_window, resolve_hooks, window_layers
 from unlearnlens.errors import HookError, PromptError
@@ -26,10 +28,51 @@ if TYPE_CHECKING:
 
     from unlearnlens.metrics import BoundMetric
 
-__all__ = ["patch", "patch_attention", "patch_mlp_coefficients", "patch_residual", "sweep_result"]
+__all__ = [
+    "patch",
+    "patch_attention",
+    "patch_mlp_coefficients",
+    "patch_residual",
+    "position_slots",
+    "sweep_result",
+]
 
 Positions = Literal["all", "prompt", "last", "answer", "each"]
 _POSITIONS = ("all", "prompt", "last", "answer", "each")
+Align = Literal["start", "answer"]
+_ALIGNS = ("start", "answer")
+
+
+def position_slots(
+    prompts: PromptSet, align: str = "start"
+) -> tuple[list[object], Bool[Tensor, "slot batch seq"]]:
+    """The positions of a per-position sweep: labels and, per label, which token it is.
+
+    With ``align="start"`` a slot is an absolute token index (``0 .. seq_len-1``), so one slot
+    is a different token in prompts of different lengths. With ``align="answer"`` slots are
+    counted back from the end of the prompt and on from the start of the answer, labelled
+    ``"prompt-K" .. "prompt-1", "answer+0" .. "answer+(M-1)"`` (``prompt-1`` is the prompt's
+    last token, the one that predicts the first answer token), so one slot is the same role in
+    every prompt. A prompt lacks a slot past its own start or end (padding): its mask row is
+    all False there.
+
+    Returns:
+        The slot labels, and a ``[slot, batch, seq]`` mask of the token each slot picks.
+    """
+    pos = torch.arange(prompts.seq_len, device=prompts.device)[None, :]
+    real = prompts.position_mask("all")
+    if align == "start":
+        labels: list[object] = list(range(prompts.seq_len))
+        masks = [(pos == p) & real for p in range(prompts.seq_len)]
+        return labels, torch.stack(masks)
+    n = prompts.prompt_lengths[:, None].to(pos.device)
+    m = prompts.answer_lengths[:, None].to(pos.device)
+    k_max, j_max = int(n.max()), int(m.max())
+    labels = [f"prompt-{k}" for k in range(k_max, 0, -1)]
+    labels += [f"answer+{j}" for j in range(j_max)]
+    masks = [pos == n - k for k in range(k_max, 0, -1)]
+    masks += [(pos == n + j) & (j < m) for j in range(j_max)]
+    return labels, torch.stack(masks) & real[None]
 
 
 def prepare(source: HookedTransformer, target: HookedTransformer, prompts: Prompts) -> PromptSet:
@@ -82,6 +125,7 @@ def patch(
     layers: int | Sequence[int] | None = None,
     window: int = 1,
     positions: str = "all",
+    align: str = "start",
     metric: MetricLike = "krs",
     batch_size: int | None = None,
     progress: bool = True,
@@ -109,6 +153,11 @@ def patch(
             axis (as TransformerLens's ``get_act_patch_*`` functions do). Padding is never
             patched: a prompt shorter than a position is left out of that position's score
             (NaN in ``per_prompt``, skipped by the mean over prompts).
+        align: How ``positions="each"`` counts positions. ``"start"``: the absolute token
+            index (labels ``0, 1, ...``). ``"answer"``: back from the prompt's end and on from
+            the answer's start (labels ``"prompt-3", "prompt-2", "prompt-1", "answer+0",
+            ...``), so a column is the same role in every prompt and heatmaps of prompts of
+            different lengths line up (see :func:`position_slots`).
         metric: ``"krs"`` (default), ``"answer_logprob"``, ``"answer_prob"``, ``"accuracy"``,
             ``"recovery"``, or a callable ``(logits, prompts) -> [batch]``.
         batch_size: Most rows (prompts x stacked variants) per forward pass.
@@ -126,6 +175,10 @@ def patch(
     """
     if positions not in _POSITIONS:
         raise PromptError(f"positions must be one of {', '.join(_POSITIONS)}; got {positions!r}")
+    if align not in _ALIGNS:
+        raise PromptError(f"align must be one of {', '.join(_ALIGNS)}; got {align!r}")
+    if align != "start" and positions != "each":
+        raise PromptError(f"align={align!r} applies to positions='each' only")
     hook_names = resolve_hooks(target, hooks)
     centres = check_layers(target, layers)
     window = check_window(window)
@@ -144,12 +197,10 @@ def patch(
 
     axes: dict[str, list[object]] = {"layer": list(centres)}
     if positions == "each":
-        pos = torch.arange(ps.seq_len)
-        real = ps.position_mask("all")
-        masks = [(pos == p)[None, :].expand(len(ps), -1) & real for p in range(ps.seq_len)]
+        labels, masks = position_slots(ps, align)
         variants = [variant(c, m) for c in centres for m in masks]
-        present = torch.stack([m.any(-1) for m in masks]).repeat(len(centres), 1)
-        axes["pos"] = list(range(ps.seq_len))
+        present = masks.any(-1).repeat(len(centres), 1)
+        axes["pos"] = labels
     else:
         mask = None if positions == "all" else ps.position_mask(positions)
         variants = [variant(c, mask) for c in centres]
@@ -170,6 +221,7 @@ def patch(
         "hooks": hook_names,
         "window": window,
         "positions": positions,
+        "align": align,
         "windows": [window_layers(c, window, n_layers) for c in centres],
         "source": source.cfg.model_name,
         "target": target.cfg.model_name,
@@ -186,6 +238,7 @@ def patch_residual(
     layers: int | Sequence[int] | None = None,
     window: int = 1,
     positions: str = "all",
+    align: str = "start",
     metric: MetricLike = "krs",
     batch_size: int | None = None,
     progress: bool = True,
@@ -206,6 +259,8 @@ def patch_residual(
         layers: Layers to patch (window centres); all by default.
         window: Positive odd number of layers patched together.
         positions: ``"all"``, ``"prompt"``, ``"answer"``, ``"last"`` or ``"each"``.
+        align: For ``positions="each"``: ``"start"`` (absolute token index) or ``"answer"``
+            (``"prompt-1"``, ``"answer+0"``, ...), as in :func:`patch`.
         metric: A metric name or callable; KRS by default.
         batch_size: Most rows per forward pass.
         progress: Show a progress bar.
@@ -220,6 +275,7 @@ def patch_residual(
         layers=layers,
         window=window,
         positions=positions,
+        align=align,
         metric=metric,
         batch_size=batch_size,
         progress=progress,
@@ -234,6 +290,7 @@ def patch_mlp_coefficients(
     layers: int | Sequence[int] | None = None,
     window: int = 1,
     positions: str = "all",
+    align: str = "start",
     metric: MetricLike = "krs",
     batch_size: int | None = None,
     progress: bool = True,
@@ -253,6 +310,7 @@ def patch_mlp_coefficients(
         layers=layers,
         window=window,
         positions=positions,
+        align=align,
         metric=metric,
         batch_size=batch_size,
         progress=progress,
@@ -267,6 +325,7 @@ def patch_attention(
     layers: int | Sequence[int] | None = None,
     window: int = 1,
     positions: str = "all",
+    align: str = "start",
     metric: MetricLike = "krs",
     batch_size: int | None = None,
     progress: bool = True,
@@ -284,6 +343,7 @@ def patch_attention(
         layers=layers,
         window=window,
         positions=positions,
+        align=align,
         metric=metric,
         batch_size=batch_size,
         progress=progress,
