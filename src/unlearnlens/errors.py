@@ -9,6 +9,8 @@ hook, layer, model, component or shape at fault.
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentOrderError",
+    "ArgumentOrderWarning",
     "CheckpointError",
     "ComponentError",
     "ConfigError",
@@ -75,3 +77,15 @@ class NonFiniteLossError(UnlearnLensError, FloatingPointError):
 
 class FileFormatError(UnlearnLensError, ValueError):
     """A file that is missing, truncated, corrupt or not in the expected format; names the file."""
+
+
+class ArgumentOrderError(ConfigError):
+    """Base and unlearned model passed the wrong way round to a function that changes one."""
+
+
+class ArgumentOrderWarning(UserWarning):
+    """Base and unlearned model look passed the wrong way round (the source is the unlearned one).
+
+    A warning, not an error, where nothing is changed: patching or scoring in the other
+    direction is a valid experiment. Filter it with ``warnings.filterwarnings`` when meant.
+    """

@@ -17,6 +17,7 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from unlearnlens._checks import check_layers, check_window, resolve_hooks, window_layers
+from unlearnlens._roles import check_models, check_order
 from unlearnlens.errors import HookError, PromptError
 from unlearnlens.metrics import MetricLike, resolve_metric
 from unlearnlens.prompts import Prompts, PromptSet, as_promptset
@@ -75,11 +76,19 @@ def position_slots(
     return labels, torch.stack(masks) & real[None]
 
 
-def prepare(source: HookedTransformer, target: HookedTransformer, prompts: Prompts) -> PromptSet:
-    """Checks that two models can be compared and turns ``prompts`` into a PromptSet for both."""
+def prepare(
+    source: HookedTransformer, target: HookedTransformer, prompts: Prompts, function: str
+) -> PromptSet:
+    """Checks that two models can be compared and turns ``prompts`` into a PromptSet for both.
+
+    Warns (:class:`~unlearnlens.ArgumentOrderWarning`) when the library knows the two models
+    are the wrong way round (see :mod:`unlearnlens._roles`).
+    """
     from unlearnlens.models import check_compatible
 
+    check_models(source, target, function)
     check_compatible(source, target)
+    check_order(source, target, function=function, changes_target=False)
     ps = as_promptset(target, prompts)
     ps.check_fits(source)
     return ps
@@ -173,6 +182,7 @@ def patch(
         PromptError: Bad prompts, or ``positions`` not among the allowed values.
         MetricError: An unknown metric, or one that returns the wrong shape.
     """
+    check_models(source, target, "patch")
     if positions not in _POSITIONS:
         raise PromptError(f"positions must be one of {', '.join(_POSITIONS)}; got {positions!r}")
     if align not in _ALIGNS:
@@ -183,7 +193,7 @@ def patch(
     centres = check_layers(target, layers)
     window = check_window(window)
     bound = resolve_metric(metric)
-    ps = prepare(source, target, prompts)
+    ps = prepare(source, target, prompts, "patch")
     n_layers = target.cfg.n_layers
 
     def variant(centre: int, mask: torch.Tensor | None) -> Variant:
@@ -265,6 +275,7 @@ def patch_residual(
         batch_size: Most rows per forward pass.
         progress: Show a progress bar.
     """
+    check_models(base, unlearned, "patch_residual")
     if hook not in ("resid_pre", "resid_mid", "resid_post"):
         raise HookError(f"hook must be 'resid_pre', 'resid_mid' or 'resid_post'; got {hook!r}")
     return patch(
@@ -302,6 +313,7 @@ def patch_mlp_coefficients(
     brings back most of the unlearned knowledge: the value vectors are intact, their
     retrieval changed. Arguments as in :func:`patch_residual`; the study uses ``window=5``.
     """
+    check_models(base, unlearned, "patch_mlp_coefficients")
     return patch(
         base,
         unlearned,
@@ -335,6 +347,7 @@ def patch_attention(
     The study's second activation: attention outputs of middle-to-late layers also recover a
     great deal. Arguments as in :func:`patch_residual`.
     """
+    check_models(base, unlearned, "patch_attention")
     return patch(
         base,
         unlearned,

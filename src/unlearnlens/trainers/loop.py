@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from unlearnlens._guard import preserved
+from unlearnlens._roles import mark_unlearned
 from unlearnlens.components import ParamSpec, resolve_params
 from unlearnlens.errors import ConfigError, NonFiniteLossError
 from unlearnlens.metrics import accuracy, answer_logprob
@@ -377,4 +378,5 @@ def unlearn(
         history = train(
             work, meth, data, cfg, selected, progress=progress, checkpoint_dir=checkpoint_dir
         )
+    mark_unlearned(work)  # lets restored(unlearned, base) be caught as swapped
     return UnlearnRun(work, tuple(history), cfg, meth.config, tuple(selected))
