@@ -154,8 +154,20 @@ def test_patching_a_model_with_itself_gives_the_baseline(arch):
             metric="answer_logprob",
             progress=False,
         )
-        assert (res.scores - res.baseline).abs().max() <= 1e-5
         assert res.baseline == pytest.approx(res.reference, abs=1e-6)
+        if positions != "each":
+            assert (res.scores - res.baseline).abs().max() <= 1e-5
+            continue
+        # per position, each prompt that has the position scores as the unpatched model
+        ps = ul.PromptSet.from_pairs(model, PAIRS)
+        with torch.no_grad():
+            logits = model(ps.tokens, attention_mask=ps.attention_mask)
+        rows = torch.arange(len(ps))[:, None]
+        own = ul.metrics.answer_logprob(logits[rows, ps.target_positions].float(), ps)
+        have = ~res.per_prompt.isnan()
+        assert bool(have.any(-1).all())
+        diff = (res.per_prompt - own).abs()
+        assert float(diff[have].max()) <= 1e-5
 
 
 def test_resid_pre_layer0_recovers_source_when_models_differ_only_in_embedding(arch):
@@ -202,11 +214,8 @@ def test_positions_after_the_last_target_change_nothing(model_pair):
     res = ul.patch_residual(
         base, unlearned, ps, positions="each", metric="answer_logprob", progress=False
     )
-    first_unused = int(ps.last_target_position.max()) + 1
-    assert first_unused < ps.seq_len
-    tail = res.scores[:, first_unused:]
-    assert torch.allclose(tail, torch.full_like(tail, res.baseline), atol=1e-6)
-    # per prompt: positions past that prompt's own last target leave it at its baseline
+    # per prompt: positions past that prompt's own last target leave it at its baseline, and
+    # its padding is left out (NaN)
     pp = res.per_prompt
     base_pp = ul.patch(
         unlearned,
@@ -218,8 +227,17 @@ def test_positions_after_the_last_target_change_nothing(model_pair):
         progress=False,
     ).per_prompt[0]
     for i in range(len(ps)):
-        after = int(ps.last_target_position[i]) + 1
-        assert torch.allclose(pp[:, after:, i], base_pp[i].expand_as(pp[:, after:, i]), atol=1e-5)
+        after, length = int(ps.last_target_position[i]) + 1, int(ps.seq_lengths[i])
+        tail = pp[:, after:length, i]
+        assert tail.numel() > 0
+        assert torch.allclose(tail, base_pp[i].expand_as(tail), atol=1e-5)
+        assert bool(pp[:, length:, i].isnan().all())
+    first_unused = int(ps.last_target_position.max()) + 1
+    assert first_unused < ps.seq_len
+    for pos in range(first_unused, ps.seq_len):
+        have = pos < ps.seq_lengths
+        expected = base_pp[have].mean().expand(base.cfg.n_layers)
+        assert torch.allclose(res.scores[:, pos], expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("positions", ["prompt", "answer", "last"])

@@ -188,7 +188,7 @@ def test_restoring_everything_gives_the_source(model_pair, arch):
     tokens = base.to_tokens([p + a for p, a in PAIRS[:1]])
     with torch.no_grad():
         want = base(tokens)
-        with restored(unlearned, base, layers=None, components=_everything(arch)):
+        with restored(base, unlearned, layers=None, components=_everything(arch)):
             got = unlearned(tokens)
     assert torch.equal(got, want)
 
@@ -322,7 +322,7 @@ def test_inside_the_block_only_the_selection_is_the_source(guarded_pair):
     base, unlearned = guarded_pair
     before = _snapshot(unlearned)
     src = base.state_dict()
-    with restored(unlearned, base, layers=[1, 2], components=["mlp.W_out", "attn"]) as r:
+    with restored(base, unlearned, layers=[1, 2], components=["mlp.W_out", "attn"]) as r:
         chosen = set(_names(unlearned, [1, 2], ("mlp.W_out", "attn.")))
         assert set(r.names) == chosen
         for k, v in unlearned.state_dict().items():
@@ -341,7 +341,7 @@ class _Boom(Exception):
 def test_exit_gives_the_weights_back_bit_for_bit(guarded_pair, exc):
     base, unlearned = guarded_pair
     before, base_before = _snapshot(unlearned), _snapshot(base)
-    ctx = restored(unlearned, base, layers=None, components=["block", "unembed"])
+    ctx = restored(base, unlearned, layers=None, components=["block", "unembed"])
 
     def body():
         with ctx as r:
@@ -370,7 +370,7 @@ def test_saved_copies_are_released_after_an_exception(model_pair):
     base, unlearned = model_pair
     refs = []
     with pytest.raises(_Boom):
-        with restored(unlearned, base, components="mlp") as r:
+        with restored(base, unlearned, components="mlp") as r:
             refs.extend(weakref.ref(t) for _, t in r._saved)
             raise _Boom
     gc.collect()
@@ -383,9 +383,9 @@ def test_nested_restorations_unwind(model_pair):
     before = _snapshot(unlearned)
     outer_names = set(_names(unlearned, [0, 1], ("mlp.W_out",)))
     inner_names = set(_names(unlearned, [1, 2], ("mlp.",)))  # overlaps the outer one in layer 1
-    with restored(unlearned, base, layers=[0, 1], components="mlp.W_out"):
+    with restored(base, unlearned, layers=[0, 1], components="mlp.W_out"):
         outer_state = {k: v.clone() for k, v in unlearned.state_dict().items()}
-        with restored(unlearned, other, layers=[1, 2], components="mlp"):
+        with restored(other, unlearned, layers=[1, 2], components="mlp"):
             for k, v in unlearned.state_dict().items():
                 if k in inner_names:
                     assert torch.equal(v, other.state_dict()[k]), k
@@ -396,8 +396,8 @@ def test_nested_restorations_unwind(model_pair):
         for k, v in unlearned.state_dict().items():
             assert torch.equal(v, outer_state[k]), k
         with pytest.raises(KeyboardInterrupt):  # nested and interrupted
-            with restored(unlearned, other, layers=[0], components="block"):
-                with restored(unlearned, other, layers=[0, 3], components="mlp.W_out"):
+            with restored(other, unlearned, layers=[0], components="block"):
+                with restored(other, unlearned, layers=[0, 3], components="mlp.W_out"):
                     raise KeyboardInterrupt
         for k, v in unlearned.state_dict().items():
             assert torch.equal(v, outer_state[k]), k
@@ -408,7 +408,7 @@ def test_parameters_and_optimizer_references_stay_valid(model_pair):
     base, unlearned = model_pair
     opt = torch.optim.SGD(unlearned.parameters(), lr=0.1)
     w = unlearned.blocks[2].mlp.W_out
-    with restored(unlearned, base, layers=2, components="mlp.W_out"):
+    with restored(base, unlearned, layers=2, components="mlp.W_out"):
         assert unlearned.blocks[2].mlp.W_out is w
         assert any(p is w for p in opt.param_groups[0]["params"])
         assert torch.equal(w, base.blocks[2].mlp.W_out)
@@ -423,7 +423,7 @@ def test_parameters_and_optimizer_references_stay_valid(model_pair):
 def test_a_restoration_is_not_entered_twice_at_once(model_pair):
     base, unlearned = model_pair
     before = _snapshot(unlearned)
-    ctx = restored(unlearned, base, components="mlp.W_out")
+    ctx = restored(base, unlearned, components="mlp.W_out")
     with ctx:
         with pytest.raises(RuntimeError, match="already active"):
             ctx.__enter__()
@@ -440,18 +440,18 @@ def test_a_failed_copy_changes_nothing(model_pair):
     shape = broken.blocks[3].mlp.W_out.shape  # the last weight to copy has no data
     broken.blocks[3].mlp.W_out = torch.nn.Parameter(torch.empty(shape, device="meta"))
     with pytest.raises((RuntimeError, NotImplementedError)):
-        with restored(unlearned, broken, components="mlp.W_out"):
+        with restored(broken, unlearned, components="mlp.W_out"):
             pass  # pragma: no cover
     _assert_same(unlearned, before)
     with pytest.raises((RuntimeError, NotImplementedError)):
-        restore_(unlearned, broken, components="mlp.W_out")
+        restore_(broken, unlearned, components="mlp.W_out")
     _assert_same(unlearned, before)
 
 
 def test_restore_underscore_is_permanent(model_pair):
     base, unlearned = model_pair
     before = _snapshot(unlearned)
-    out = restore_(unlearned, base, layers=[0, 3], components=["mlp.W_out", "ln_final"])
+    out = restore_(base, unlearned, layers=[0, 3], components=["mlp.W_out", "ln_final"])
     assert out is unlearned
     chosen = set(_names(unlearned, [0, 3], ("mlp.W_out",), ("ln_final.",)))
     for k, v in unlearned.state_dict().items():
@@ -463,7 +463,7 @@ def test_source_dtype_is_converted(arch):
     base = build_model(arch, seed=1)  # float32
     unlearned = perturbed(build_model(arch, seed=1, dtype=torch.bfloat16), 0.1, seed=2)
     before = _snapshot(unlearned)
-    with restored(unlearned, base, layers=[1], components="mlp.W_in"):
+    with restored(base, unlearned, layers=[1], components="mlp.W_in"):
         w = unlearned.blocks[1].mlp.W_in
         assert w.dtype == torch.bfloat16
         assert torch.equal(w, base.blocks[1].mlp.W_in.to(torch.bfloat16))
@@ -484,21 +484,21 @@ def test_bad_input_is_refused_before_anything_changes(model_pair, arch):
     base, unlearned = model_pair
     before, base_before = _snapshot(unlearned), _snapshot(base)
     with pytest.raises(ComponentError, match=r"unknown component 'mlp.W_up'.*mlp\.W_out.*embed"):
-        restored(unlearned, base, components="mlp.W_up")
+        restored(base, unlearned, components="mlp.W_up")
     with pytest.raises(ComponentError, match="unknown component"):
-        restore_(unlearned, base, components=["mlp.W_out", "W_out"])
+        restore_(base, unlearned, components=["mlp.W_out", "W_out"])
     with pytest.raises(LayerError, match="layer 4 is out of range"):
-        restored(unlearned, base, layers=[1, 4], components="mlp.W_out")
+        restored(base, unlearned, layers=[1, 4], components="mlp.W_out")
     with pytest.raises(LayerError, match="out of range"):
-        restore_(unlearned, base, layers=-5, components="mlp.W_out")
+        restore_(base, unlearned, layers=-5, components="mlp.W_out")
     with pytest.raises(IncompatibleModelsError, match=r"d_mlp: 96 vs (48|64)"):
-        restored(unlearned, _other_d_mlp(arch), components="mlp.W_out")
+        restored(_other_d_mlp(arch), unlearned, components="mlp.W_out")
     with pytest.raises(IncompatibleModelsError, match="d_mlp"):
-        restore_(unlearned, _other_d_mlp(arch), components="attn.W_Q")
+        restore_(_other_d_mlp(arch), unlearned, components="attn.W_Q")
     reshaped = copy.deepcopy(base)
     reshaped.blocks[2].mlp.W_out = torch.nn.Parameter(torch.zeros(10, 32))
     with pytest.raises(IncompatibleModelsError, match=r"blocks.2.mlp.W_out.*\(10, 32\)"):
-        restore_(unlearned, reshaped, layers=[1, 2], components="mlp.W_out")
+        restore_(reshaped, unlearned, layers=[1, 2], components="mlp.W_out")
     for kw in [
         dict(components="mlp.W_up"),
         dict(layers=[7]),
@@ -520,7 +520,7 @@ def test_gate_on_gpt2_is_named():
     unlearned = perturbed(base, 0.1, seed=2)
     before = _snapshot(unlearned)
     with pytest.raises(ComponentError, match=r"has no 'mlp.W_gate'"):
-        restored(unlearned, base, components="mlp.W_gate")
+        restored(base, unlearned, components="mlp.W_gate")
     with pytest.raises(ComponentError, match=r"has no 'mlp.W_gate'"):
         restore_sweep(
             base, unlearned, PAIRS, components=["mlp.W_out", "mlp.W_gate"], progress=False
@@ -582,7 +582,7 @@ def test_source_on_another_device():
     base = build_model("llama", seed=1)  # stays on the CPU
     unlearned = perturbed(base, 0.15, seed=2).to("cuda")
     before = _snapshot(unlearned)
-    with restored(unlearned, base, layers=[2], components="mlp"):
+    with restored(base, unlearned, layers=[2], components="mlp"):
         assert unlearned.blocks[2].mlp.W_gate.device.type == "cuda"
         assert torch.equal(unlearned.blocks[2].mlp.W_gate.cpu(), base.blocks[2].mlp.W_gate)
     _assert_same(unlearned, before)

@@ -48,7 +48,7 @@ def test_every_sweep_equals_its_primitive(models, study):
                 base, u, PAIRS, hooks=["mlp.hook_post", "hook_attn_out"], window=3, progress=False
             ),
             "patch_resid": patch_residual(
-                base, u, PAIRS, hook="resid_pre", positions="each", progress=False
+                base, u, PAIRS, hook="resid_pre", positions="each", align="answer", progress=False
             ),
             "restore_w_out": restore_sweep(
                 base, u, PAIRS, components="mlp.W_out", window=3, progress=False

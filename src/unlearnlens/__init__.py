@@ -21,6 +21,8 @@ from unlearnlens.concepts import (
 )
 from unlearnlens.conceptvectors import Concept, load_conceptvectors
 from unlearnlens.errors import (
+    ArgumentOrderError,
+    ArgumentOrderWarning,
     CheckpointError,
     ComponentError,
     ConfigError,
@@ -50,6 +52,7 @@ from unlearnlens.prompts import PromptSet, format_question
 from unlearnlens.report import write_report
 from unlearnlens.restoration import Restoration, restore_, restore_sweep, restored
 from unlearnlens.results import SweepResult
+from unlearnlens.scoring import score
 from unlearnlens.study import ANALYSES, CoefficientTables, StudyResult, dissect
 from unlearnlens.trainers import (
     MethodConfig,
@@ -69,6 +72,8 @@ from unlearnlens.trainers import (
 __all__ = [
     "ANALYSES",
     "SUPPORTED_ARCHITECTURES",
+    "ArgumentOrderError",
+    "ArgumentOrderWarning",
     "CheckpointError",
     "CoefficientComparison",
     "CoefficientStats",
@@ -129,6 +134,7 @@ __all__ = [
     "restore_sweep",
     "restored",
     "save_model",
+    "score",
     "select_parameters",
     "toy",
     "trainers",

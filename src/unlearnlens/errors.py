@@ -9,6 +9,8 @@ hook, layer, model, component or shape at fault.
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentOrderError",
+    "ArgumentOrderWarning",
     "CheckpointError",
     "ComponentError",
     "ConfigError",
@@ -88,3 +90,15 @@ class NonFiniteModelError(UnlearnLensError, FloatingPointError):
     def __init__(self, message: str, *, parameter: str | None = None) -> None:
         super().__init__(message)
         self.parameter = parameter
+
+
+class ArgumentOrderError(ConfigError):
+    """Base and unlearned model passed the wrong way round to a function that changes one."""
+
+
+class ArgumentOrderWarning(UserWarning):
+    """Base and unlearned model look passed the wrong way round (the source is the unlearned one).
+
+    A warning, not an error, where nothing is changed: patching or scoring in the other
+    direction is a valid experiment. Filter it with ``warnings.filterwarnings`` when meant.
+    """

@@ -54,6 +54,7 @@ __all__ = [
     "load_hf",
     "load_model",
     "save_model",
+    "tokenizer_adds_bos",
 ]
 
 _WEIGHTS_FILE = "model.safetensors"
@@ -349,6 +350,22 @@ def _with_bos(tokenizer: Any, architecture: str, *, hub: str | None = None) -> A
     return tokenizer
 
 
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether encoding with ``tokenizer`` puts its BOS token first, as Hugging Face encodes.
+
+    This is the checkpoint's own convention (a ``LlamaTokenizer`` with ``add_bos_token``, a
+    post-processor that writes ``<bos> $A``, ...), read by encoding a probe text with and
+    without special tokens, so it holds whatever mechanism the tokenizer uses.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    probe = "a b"
+    with_special = list(tokenizer(probe)["input_ids"])
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    return len(with_special) > len(plain) and with_special[:1] == [bos] and plain[:1] != [bos]
+
+
 def _resolve_source(
     path_or_model: Any, dtype: torch.dtype, tokenizer: Any
 ) -> tuple[Any, Any, str, str | None]:
@@ -501,7 +518,10 @@ def load_hf(
 
     The tokenizer found in the directory (or given as ``tokenizer``, or found in the in-memory
     model's ``name_or_path`` folder) is attached, padding on the right. Without one the model
-    takes token ids only.
+    takes token ids only. Whether prompts start with a BOS token follows that tokenizer, as
+    Hugging Face does: ``model.to_tokens(text)`` and :meth:`PromptSet.from_pairs` prepend BOS
+    exactly when ``tokenizer(text)`` does (``cfg.default_prepend_bos``; see
+    :func:`tokenizer_adds_bos`), whatever the architecture.
 
     Args:
         path_or_model: A checkpoint directory, a hub id, or a ``PreTrainedModel`` (left
@@ -554,6 +574,8 @@ def load_hf(
         tokenizer_name=None,
         init_weights=False,
     )
+    if tok is not None:  # the checkpoint's tokenizer decides, not the architecture
+        fields["default_prepend_bos"] = tokenizer_adds_bos(tok)
     cfg = HookedTransformerConfig.from_dict(fields)
     if tok is not None:
         tok = _with_bos(tok, architecture, hub=hub)

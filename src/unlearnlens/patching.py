@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 import torch
+from jaxtyping import Bool
+from torch import Tensor
 
 from unlearnlens._checks import (
     check_batch_size,
@@ -22,6 +24,7 @@ from unlearnlens._checks import (
     window_layers,
 )
 from unlearnlens._finite import check_finite
+from unlearnlens._roles import check_models, check_order
 from unlearnlens.errors import HookError, PromptError
 from unlearnlens.metrics import MetricLike, resolve_metric
 from unlearnlens.prompts import Prompts, PromptSet, as_promptset
@@ -33,25 +36,70 @@ if TYPE_CHECKING:
 
     from unlearnlens.metrics import BoundMetric
 
-__all__ = ["patch", "patch_attention", "patch_mlp_coefficients", "patch_residual", "sweep_result"]
+__all__ = [
+    "patch",
+    "patch_attention",
+    "patch_mlp_coefficients",
+    "patch_residual",
+    "position_slots",
+    "sweep_result",
+]
 
 Positions = Literal["all", "prompt", "last", "answer", "each"]
 _POSITIONS = ("all", "prompt", "last", "answer", "each")
+Align = Literal["start", "answer"]
+_ALIGNS = ("start", "answer")
+
+
+def position_slots(
+    prompts: PromptSet, align: str = "start"
+) -> tuple[list[object], Bool[Tensor, "slot batch seq"]]:
+    """The positions of a per-position sweep: labels and, per label, which token it is.
+
+    With ``align="start"`` a slot is an absolute token index (``0 .. seq_len-1``), so one slot
+    is a different token in prompts of different lengths. With ``align="answer"`` slots are
+    counted back from the end of the prompt and on from the start of the answer, labelled
+    ``"prompt-K" .. "prompt-1", "answer+0" .. "answer+(M-1)"`` (``prompt-1`` is the prompt's
+    last token, the one that predicts the first answer token), so one slot is the same role in
+    every prompt. A prompt lacks a slot past its own start or end (padding): its mask row is
+    all False there.
+
+    Returns:
+        The slot labels, and a ``[slot, batch, seq]`` mask of the token each slot picks.
+    """
+    pos = torch.arange(prompts.seq_len, device=prompts.device)[None, :]
+    real = prompts.position_mask("all")
+    if align == "start":
+        labels: list[object] = list(range(prompts.seq_len))
+        masks = [(pos == p) & real for p in range(prompts.seq_len)]
+        return labels, torch.stack(masks)
+    n = prompts.prompt_lengths[:, None].to(pos.device)
+    m = prompts.answer_lengths[:, None].to(pos.device)
+    k_max, j_max = int(n.max()), int(m.max())
+    labels = [f"prompt-{k}" for k in range(k_max, 0, -1)]
+    labels += [f"answer+{j}" for j in range(j_max)]
+    masks = [pos == n - k for k in range(k_max, 0, -1)]
+    masks += [(pos == n + j) & (j < m) for j in range(j_max)]
+    return labels, torch.stack(masks) & real[None]
 
 
 def prepare(
     source: HookedTransformer,
     target: HookedTransformer,
     prompts: Prompts,
+    function: str,
     metric: BoundMetric | None = None,
 ) -> PromptSet:
     """Checks that two models can be compared and turns ``prompts`` into a PromptSet for both.
 
-    With a metric defined by the difference of the two models (KRS, ``recovery``) the models
-    must also differ (:func:`~unlearnlens.models.check_distinct`).
+    Warns (:class:`~unlearnlens.ArgumentOrderWarning`) when the library knows the two models
+    are the wrong way round (see :mod:`unlearnlens._roles`). With a metric defined by the
+    difference of the two models (KRS, ``recovery``) the models must also differ
+    (:func:`~unlearnlens.models.check_distinct`).
     """
     from unlearnlens.models import check_compatible, check_distinct
 
+    check_models(source, target, function)
     check_compatible(source, target)
     check_finite(source, "source model")
     check_finite(target, "target model")
@@ -64,6 +112,7 @@ def prepare(
             why=f"{metric.name.upper() if metric.name == 'krs' else metric.name} is undefined "
             "when the source and target models are the same",
         )
+    check_order(source, target, function=function, changes_target=False)
     ps = as_promptset(target, prompts)
     ps.check_fits(source)
     return ps
@@ -74,12 +123,21 @@ def sweep_result(
     metric: BoundMetric,
     axes: dict[str, list[object]],
     meta: dict[str, object],
+    present: torch.Tensor | None = None,
 ) -> SweepResult:
-    """Aggregates per-prompt scores over prompts into a :class:`SweepResult` with these axes."""
+    """Aggregates per-prompt scores over prompts into a :class:`SweepResult` with these axes.
+
+    ``present`` (``[variant, batch]``, optional) marks which prompts a variant applies to: a
+    per-position patch at a position a prompt does not have (its padding) leaves that prompt
+    out (NaN in ``per_prompt``) instead of scoring it as unchanged.
+    """
     base = float(scores.baseline.nanmean())
     ref = float(scores.reference.nanmean())
     shape = [len(v) for v in axes.values()]
-    per_prompt = scores.per_prompt.reshape(*shape, -1)
+    per_prompt = scores.per_prompt
+    if present is not None:
+        per_prompt = torch.where(present.to(per_prompt.device), per_prompt, torch.nan)
+    per_prompt = per_prompt.reshape(*shape, -1)
     return SweepResult(
         scores=metric.aggregate(per_prompt, baseline=base, reference=ref),
         axes=axes,
@@ -100,6 +158,7 @@ def patch(
     layers: int | Sequence[int] | None = None,
     window: int = 1,
     positions: str = "all",
+    align: str = "start",
     metric: MetricLike = "krs",
     batch_size: int | None = None,
     progress: bool = True,
@@ -125,7 +184,13 @@ def patch(
         positions: ``"all"`` real positions; ``"prompt"`` or ``"answer"`` tokens only;
             ``"last"`` prompt token; ``"each"``: one patch per position, which adds a ``pos``
             axis (as TransformerLens's ``get_act_patch_*`` functions do). Padding is never
-            patched.
+            patched: a prompt shorter than a position is left out of that position's score
+            (NaN in ``per_prompt``, skipped by the mean over prompts).
+        align: How ``positions="each"`` counts positions. ``"start"``: the absolute token
+            index (labels ``0, 1, ...``). ``"answer"``: back from the prompt's end and on from
+            the answer's start (labels ``"prompt-3", "prompt-2", "prompt-1", "answer+0",
+            ...``), so a column is the same role in every prompt and heatmaps of prompts of
+            different lengths line up (see :func:`position_slots`).
         metric: ``"krs"`` (default), ``"answer_logprob"``, ``"answer_prob"``, ``"accuracy"``,
             ``"recovery"``, or a callable ``(logits, prompts) -> [batch]``.
         batch_size: Most rows (prompts x stacked variants) per forward pass.
@@ -141,15 +206,20 @@ def patch(
         PromptError: Bad prompts, or ``positions`` not among the allowed values.
         MetricError: An unknown metric, or one that returns the wrong shape.
     """
+    check_models(source, target, "patch")
     if positions not in _POSITIONS:
         raise PromptError(f"positions must be one of {', '.join(_POSITIONS)}; got {positions!r}")
+    if align not in _ALIGNS:
+        raise PromptError(f"align must be one of {', '.join(_ALIGNS)}; got {align!r}")
+    if align != "start" and positions != "each":
+        raise PromptError(f"align={align!r} applies to positions='each' only")
     hook_names = resolve_hooks(target, hooks)
     centres = check_layers(target, layers)
     window = check_window(window)
     batch_size = check_batch_size(batch_size)
     resolve_hooks(source, hooks)
     bound = resolve_metric(metric)
-    ps = prepare(source, target, prompts, bound)
+    ps = prepare(source, target, prompts, "patch", bound)
     n_layers = target.cfg.n_layers
 
     def variant(centre: int, mask: torch.Tensor | None) -> Variant:
@@ -163,13 +233,14 @@ def patch(
 
     axes: dict[str, list[object]] = {"layer": list(centres)}
     if positions == "each":
-        pos = torch.arange(ps.seq_len)
-        masks = [(pos == p)[None, :].expand(len(ps), -1) for p in range(ps.seq_len)]
+        labels, masks = position_slots(ps, align)
         variants = [variant(c, m) for c in centres for m in masks]
-        axes["pos"] = list(range(ps.seq_len))
+        present = masks.any(-1).repeat(len(centres), 1)
+        axes["pos"] = labels
     else:
         mask = None if positions == "all" else ps.position_mask(positions)
         variants = [variant(c, mask) for c in centres]
+        present = None
 
     scores = run_variants(
         source,
@@ -186,11 +257,12 @@ def patch(
         "hooks": hook_names,
         "window": window,
         "positions": positions,
+        "align": align,
         "windows": [window_layers(c, window, n_layers) for c in centres],
         "source": source.cfg.model_name,
         "target": target.cfg.model_name,
     }
-    return sweep_result(scores, bound, axes, meta)
+    return sweep_result(scores, bound, axes, meta, present)
 
 
 def patch_residual(
@@ -202,6 +274,7 @@ def patch_residual(
     layers: int | Sequence[int] | None = None,
     window: int = 1,
     positions: str = "all",
+    align: str = "start",
     metric: MetricLike = "krs",
     batch_size: int | None = None,
     progress: bool = True,
@@ -222,10 +295,13 @@ def patch_residual(
         layers: Layers to patch (window centres); all by default.
         window: Positive odd number of layers patched together.
         positions: ``"all"``, ``"prompt"``, ``"answer"``, ``"last"`` or ``"each"``.
+        align: For ``positions="each"``: ``"start"`` (absolute token index) or ``"answer"``
+            (``"prompt-1"``, ``"answer+0"``, ...), as in :func:`patch`.
         metric: A metric name or callable; KRS by default.
         batch_size: Most rows per forward pass.
         progress: Show a progress bar.
     """
+    check_models(base, unlearned, "patch_residual")
     if hook not in ("resid_pre", "resid_mid", "resid_post"):
         raise HookError(f"hook must be 'resid_pre', 'resid_mid' or 'resid_post'; got {hook!r}")
     return patch(
@@ -236,6 +312,7 @@ def patch_residual(
         layers=layers,
         window=window,
         positions=positions,
+        align=align,
         metric=metric,
         batch_size=batch_size,
         progress=progress,
@@ -250,6 +327,7 @@ def patch_mlp_coefficients(
     layers: int | Sequence[int] | None = None,
     window: int = 1,
     positions: str = "all",
+    align: str = "start",
     metric: MetricLike = "krs",
     batch_size: int | None = None,
     progress: bool = True,
@@ -261,6 +339,7 @@ def patch_mlp_coefficients(
     brings back most of the unlearned knowledge: the value vectors are intact, their
     retrieval changed. Arguments as in :func:`patch_residual`; the study uses ``window=5``.
     """
+    check_models(base, unlearned, "patch_mlp_coefficients")
     return patch(
         base,
         unlearned,
@@ -269,6 +348,7 @@ def patch_mlp_coefficients(
         layers=layers,
         window=window,
         positions=positions,
+        align=align,
         metric=metric,
         batch_size=batch_size,
         progress=progress,
@@ -283,6 +363,7 @@ def patch_attention(
     layers: int | Sequence[int] | None = None,
     window: int = 1,
     positions: str = "all",
+    align: str = "start",
     metric: MetricLike = "krs",
     batch_size: int | None = None,
     progress: bool = True,
@@ -292,6 +373,7 @@ def patch_attention(
     The study's second activation: attention outputs of middle-to-late layers also recover a
     great deal. Arguments as in :func:`patch_residual`.
     """
+    check_models(base, unlearned, "patch_attention")
     return patch(
         base,
         unlearned,
@@ -300,6 +382,7 @@ def patch_attention(
         layers=layers,
         window=window,
         positions=positions,
+        align=align,
         metric=metric,
         batch_size=batch_size,
         progress=progress,

@@ -21,15 +21,16 @@ block-relative parameter names (``mlp.W_out``, ``attn.W_Q``, ``ln2.w``, ...), th
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
-from transformer_lens import HookedTransformer
 
 from unlearnlens._checks import check_batch_size, check_layers, check_window, window_layers
+from unlearnlens._roles import check_models, check_order
 from unlearnlens.components import TOP_LEVEL, resolve_components, select_parameters
 from unlearnlens.errors import ConfigError, IncompatibleModelsError
 from unlearnlens.metrics import MetricLike, resolve_metric
@@ -38,17 +39,25 @@ from unlearnlens.prompts import Prompts
 from unlearnlens.results import SweepResult
 from unlearnlens.runner import Variant, run_variants
 
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
 __all__ = ["Restoration", "restore_", "restore_sweep", "restored"]
 
 Mode = Literal["window", "from_top", "from_bottom"]
 _MODES = ("window", "from_top", "from_bottom")
+
+# The restorations active in each model now (entered and not exited), in order of entry.
+_ACTIVE: weakref.WeakKeyDictionary[HookedTransformer, list[Restoration]] = (
+    weakref.WeakKeyDictionary()
+)
 
 Layers = int | Iterable[int] | None
 Components = str | Iterable[str]
 
 
 def _pairs(
-    target: HookedTransformer, source: HookedTransformer, layers: Layers, components: Components
+    source: HookedTransformer, target: HookedTransformer, layers: Layers, components: Components
 ) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
     """``(name, target parameter, source parameter)`` for the selection, after every check."""
     from unlearnlens.models import check_compatible
@@ -113,14 +122,23 @@ class Restoration:
     reverse order of entry (as ``with`` blocks do). One object is not entered twice at once.
     """
 
-    def __init__(self, pairs: list[tuple[str, nn.Parameter, nn.Parameter]]) -> None:
+    def __init__(
+        self,
+        pairs: list[tuple[str, nn.Parameter, nn.Parameter]],
+        model: HookedTransformer | None = None,
+    ) -> None:
         self._pairs = pairs
         self._saved: list[tuple[nn.Parameter, Tensor]] | None = None
+        self.model = model
 
     @property
     def names(self) -> list[str]:
         """Full names of the target parameters this restoration swaps."""
         return [name for name, _, _ in self._pairs]
+
+    def originals(self) -> list[tuple[nn.Parameter, Tensor]]:
+        """The target's own values of the swapped parameters while active (empty otherwise)."""
+        return list(self._saved or [])
 
     @property
     def active(self) -> bool:
@@ -140,6 +158,8 @@ class Restoration:
             _put_back(saved)
             raise
         self._saved = saved
+        if self.model is not None:
+            _ACTIVE.setdefault(self.model, []).append(self)
         return self
 
     def __exit__(
@@ -149,6 +169,8 @@ class Restoration:
         tb: TracebackType | None,
     ) -> None:
         saved, self._saved = self._saved, None
+        if self.model is not None and self in _ACTIVE.get(self.model, []):
+            _ACTIVE[self.model].remove(self)
         if saved is not None:
             _put_back(saved)
 
@@ -158,26 +180,33 @@ class Restoration:
 
 
 def restored(
-    target: HookedTransformer,
-    source: HookedTransformer,
+    base: HookedTransformer,
+    unlearned: HookedTransformer,
     *,
     layers: int | Iterable[int] | None = None,
     components: str | Iterable[str] = "mlp.W_out",
 ) -> Restoration:
-    """The source's weights in the target for the length of a ``with`` block.
+    """The base model's weights in the unlearned model for the length of a ``with`` block.
 
-    ``with ul.restored(unlearned, base, layers=[30, 31], components="mlp.W_out"): ...`` runs
+    ``with ul.restored(base, unlearned, layers=[30, 31], components="mlp.W_out"): ...`` runs
     the block with the base model's MLP value vectors in layers 30 and 31 of the unlearned
     model; on exit the unlearned model's own weights are back, bit for bit, also when the
     block ends with an exception or a KeyboardInterrupt. Only the selected tensors move (the
-    source may live on another device or in another dtype); no model is copied. Blocks on the
-    same model nest.
+    base model may live on another device or in another dtype); no model is copied. Blocks on
+    the same model nest.
+
+    Like every function of the library, it takes the source (base) first and the target
+    (unlearned, the model that is changed) second; ``restored(base=..., unlearned=...)``
+    makes the roles explicit. Models the library made know their role: passing the model
+    :func:`unlearnlens.unlearn` returned first (or the base model
+    :func:`unlearnlens.toy.train_base` returned second) raises
+    :class:`~unlearnlens.ArgumentOrderError` before any weight changes.
 
     Every argument is checked here, before any weight changes.
 
     Args:
-        target: The model whose weights are replaced (the unlearned model).
-        source: The model they come from (the base model).
+        base: The model the weights come from (the source).
+        unlearned: The model whose weights are replaced (the target).
         layers: Block indices (negative count from the end); ``None`` for every layer.
             Top-level parts (``embed``, ``pos_embed``, ``unembed``, ``ln_final``) take no
             layer.
@@ -191,40 +220,45 @@ def restored(
         ``r.names`` lists the swapped parameters.
 
     Raises:
+        ArgumentOrderError: The models are known to be the wrong way round.
         ComponentError: An unknown component (the message lists the valid ones) or one this
             architecture lacks (``mlp.W_gate`` on GPT-2).
         LayerError: A layer out of range.
         IncompatibleModelsError: The models differ in architecture, tokenizer or the shape of
             a selected parameter.
     """
-    return Restoration(_pairs(target, source, layers, components))
+    check_models(base, unlearned, "restored")
+    check_order(base, unlearned, function="restored", changes_target=True)
+    return Restoration(_pairs(base, unlearned, layers, components), model=unlearned)
 
 
 def restore_(
-    target: HookedTransformer,
-    source: HookedTransformer,
+    base: HookedTransformer,
+    unlearned: HookedTransformer,
     *,
     layers: int | Iterable[int] | None = None,
     components: str | Iterable[str] = "mlp.W_out",
 ) -> HookedTransformer:
-    """Copies the source's weights into the target for good, to build a partially restored model.
+    """Copies the base model's weights into the unlearned model for good.
 
-    The permanent form of :func:`restored`, with the same arguments and checks. The change is
-    all or nothing: if it fails or is interrupted part-way, the target keeps its own weights.
-    For that, the selected target tensors are held in a copy while the weights are written, and
-    released after.
+    The permanent form of :func:`restored`, with the same arguments, order and checks, to
+    build a partially restored model. The change is all or nothing: if it fails or is
+    interrupted part-way, the unlearned model keeps its own weights. For that, the selected
+    tensors are held in a copy while the weights are written, and released after.
 
     Returns:
-        The target model, changed in place.
+        The unlearned model, changed in place.
 
     Raises:
-        ComponentError, LayerError, IncompatibleModelsError: As :func:`restored`; nothing is
-            changed.
+        ArgumentOrderError, ComponentError, LayerError, IncompatibleModelsError: As
+            :func:`restored`; nothing is changed.
     """
-    restoration = restored(target, source, layers=layers, components=components)
+    check_models(base, unlearned, "restore_")
+    check_order(base, unlearned, function="restore_", changes_target=True)
+    restoration = Restoration(_pairs(base, unlearned, layers, components))
     restoration.__enter__()
     restoration._saved = None  # keep the source's weights: drop the saved originals
-    return target
+    return unlearned
 
 
 def _start_layer(components: list[str], layers: list[int], n_layers: int) -> int:
@@ -299,6 +333,7 @@ def restore_sweep(
         PromptError: Bad prompts.
         MetricError: An unknown metric, or one that returns the wrong shape.
     """
+    check_models(base, unlearned, "restore_sweep")
     if mode not in _MODES:
         raise ConfigError(f"mode must be one of {', '.join(_MODES)}; got {mode!r}")
     window = check_window(window)
@@ -310,12 +345,12 @@ def restore_sweep(
     centres = check_layers(unlearned, layers)
     batch_size = check_batch_size(batch_size)
     bound = resolve_metric(metric)
-    ps = prepare(base, unlearned, prompts, bound)
+    ps = prepare(base, unlearned, prompts, "restore_sweep", bound)
     n_layers = unlearned.cfg.n_layers
     windows = [_restored_layers(mode, c, window, n_layers) for c in centres]
     # Every check (models, shapes) once, before any work; each run then swaps its own subset.
     union = sorted({layer for w in windows for layer in w})
-    pairs = _pairs(unlearned, base, union, names)
+    pairs = _pairs(base, unlearned, union, names)
 
     def factory(restore_layers: list[int]) -> Callable[[], Restoration]:
         wanted = set(select_parameters(unlearned, restore_layers, names))

@@ -15,7 +15,9 @@ analysis           what it runs
 ``patch_mlp_attn`` :func:`unlearnlens.patch` with both hooks patched together
 ``patch_resid``    :func:`unlearnlens.patch_residual` of ``resid_pre`` one layer and one
                    position at a time (a layer x position map; over all positions at once the
-                   residual stream carries everything and the score is 1 at every layer)
+                   residual stream carries everything and the score is 1 at every layer),
+                   positions aligned on the answer (``"prompt-2"``, ``"prompt-1"``,
+                   ``"answer+0"``, ...) so that a column is the same token role in every prompt
 ``restore_w_out``  :func:`unlearnlens.restore_sweep` of ``mlp.W_out`` (the value vectors) over
                    the same windows
 ``restore_mlp``    restoration of every MLP parameter
@@ -252,7 +254,7 @@ def dissect(
             base, u, ps, hooks=["mlp.hook_post", "hook_attn_out"], window=window, **kw
         ),
         "patch_resid": lambda u: patch_residual(
-            base, u, ps, hook="resid_pre", positions="each", **kw
+            base, u, ps, hook="resid_pre", positions="each", align="answer", **kw
         ),
         "restore_w_out": lambda u: restore_sweep(
             base, u, ps, components="mlp.W_out", window=window, **kw

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast
 
+from unlearnlens._roles import mark_base
 from unlearnlens.errors import ConfigError, NonFiniteLossError
 from unlearnlens.toy.tokenizer import make_tokenizer
 from unlearnlens.toy.world import COPY_PREFIX, World
@@ -483,4 +484,4 @@ def _attach(model: HookedTransformer) -> HookedTransformer:
     model.eval()
     if model.tokenizer is not None:
         model.tokenizer.padding_side = "right"
-    return model
+    return mark_base(model)

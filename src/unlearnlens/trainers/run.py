@@ -16,6 +16,7 @@ from transformer_lens import HookedTransformer
 from unlearnlens._checks import check_bool, check_int, check_model
 from unlearnlens._guard import preserved
 from unlearnlens._progress import progress_enabled
+from unlearnlens._roles import mark_unlearned
 from unlearnlens._seed import deterministic_run
 from unlearnlens._storage import check_writable
 from unlearnlens.components import ParamSpec, resolve_params
@@ -279,4 +280,5 @@ def unlearn(
             checkpoint_dir=checkpoint_dir,
             masters=masters,
         )
+    mark_unlearned(work)  # lets restored(unlearned, base) be caught as swapped
     return UnlearnRun(work, tuple(history), cfg, meth.config, tuple(selected), masters)
