@@ -36,6 +36,7 @@ from unlearnlens.errors import (
     UnsupportedArchitectureError,
 )
 from unlearnlens.evaluation import Evaluation, evaluate
+from unlearnlens.export import save_hf
 from unlearnlens.lens import attribution_patch, logit_lens, logit_lens_compare
 from unlearnlens.models import (
     SUPPORTED_ARCHITECTURES,
@@ -126,6 +127,7 @@ __all__ = [
     "restore_",
     "restore_sweep",
     "restored",
+    "save_hf",
     "save_model",
     "select_parameters",
     "toy",

@@ -9,8 +9,10 @@
   [--concept NAME] --out DIR`` runs the study on local checkpoints and one ConceptVectors
   concept: its questions in the study's format, answered by the base model's greedy
   continuation, and its ``unrelated_QA`` questions for side effects.
-* ``unlearnlens unlearn --model DIR --forget FILE [--retain FILE] --method NAME --out DIR``
-  unlearns with a registered method and saves the model with :func:`unlearnlens.save_model`.
+* ``unlearnlens unlearn --model DIR --forget FILE [--retain FILE] --method NAME --out DIR
+  [--format auto|hf|unlearnlens]`` unlearns with a registered method and saves the model as a
+  Hugging Face checkpoint (:func:`unlearnlens.save_hf`) when it fits a supported class exactly,
+  else with :func:`unlearnlens.save_model`.
 
 A model directory is either one written by :func:`unlearnlens.save_model` (it holds
 ``unlearnlens_config.json``) or a Hugging Face checkpoint (``config.json`` + weights), loaded
@@ -324,14 +326,45 @@ def _dissect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unlearn(args: argparse.Namespace) -> int:
+def _save_unlearned(model: HookedTransformer, out: str, fmt: str) -> Path:
+    """Saves as a Hugging Face checkpoint (``hf``), an unlearnlens folder, or ``auto``.
+
+    ``auto`` writes the Hugging Face format when the model fits a supported class exactly and
+    the unlearnlens format otherwise (saying why on stderr).
+    """
+    from unlearnlens.errors import UnsupportedArchitectureError
+    from unlearnlens.export import save_hf
     from unlearnlens.models import save_model
+
+    if fmt == "unlearnlens":
+        return save_model(model, out)
+    try:
+        return save_hf(model, out)
+    except UnsupportedArchitectureError as e:
+        if fmt == "hf":
+            raise
+        print(
+            f"not a Hugging Face checkpoint ({e}); saving in the unlearnlens format",
+            file=sys.stderr,
+        )
+        return save_model(model, out)
+
+
+def _unlearn(args: argparse.Namespace) -> int:
+    from unlearnlens.export import hf_trainable, save_hf
     from unlearnlens.trainers import get_method, unlearn
 
     get_method(args.method)  # an unknown method fails before anything loads
     forget = read_train_file(args.forget)
     retain = None if args.retain is None else read_train_file(args.retain)
     model = load_any(args.model, device=args.device, dtype=args.dtype)
+    params = None
+    if args.format != "unlearnlens":
+        # a model that fits a Hugging Face class keeps fitting it: parameters the class lacks
+        # (TransformerLens's extra biases, zero after load_hf) are not trained
+        params = hf_trainable(model)
+        if params is None and args.format == "hf":
+            save_hf(model, Path(args.out))  # raises, naming what does not fit
     run = unlearn(
         model,
         forget,
@@ -339,9 +372,10 @@ def _unlearn(args: argparse.Namespace) -> int:
         method=args.method,
         steps=args.steps,
         lr=args.lr,
+        params=params,
         progress=not args.no_progress,
     )
-    out = save_model(run.model, args.out)
+    out = _save_unlearned(run.model, args.out, args.format)
     final = ", ".join(f"{k} {v:.3f}" for k, v in run.final.items())
     print(f"{args.method}: {run.config.steps} steps; {final}")
     print(f"saved: {out}")
@@ -409,6 +443,14 @@ def _parser() -> _Parser:
         help="ga, grad_diff, npo, npo_kl, npo_rt, simnpo, dpo, dpo_retain, rmu, idk, ...",
     )
     unl.add_argument("--out", required=True, help="folder for the unlearned model")
+    unl.add_argument(
+        "--format",
+        choices=("auto", "hf", "unlearnlens"),
+        default="auto",
+        help="hf: a Hugging Face checkpoint (for lm-eval, open-unlearning); unlearnlens: "
+        "save_model's format; auto (default): hf when the model fits a Hugging Face class "
+        "exactly, else unlearnlens",
+    )
     unl.add_argument("--steps", type=int, help="optimizer steps (default: the method's)")
     unl.add_argument("--lr", type=float, help="learning rate (default: the method's)")
     unl.add_argument("--device", help="cpu, cuda, ...")
