@@ -24,6 +24,7 @@ from unlearnlens.errors import (
     CheckpointError,
     ComponentError,
     ConfigError,
+    DataFileError,
     FileFormatError,
     HookError,
     IncompatibleModelsError,
@@ -38,6 +39,7 @@ from unlearnlens.errors import (
 from unlearnlens.evaluation import Evaluation, evaluate
 from unlearnlens.export import save_hf
 from unlearnlens.lens import attribution_patch, logit_lens, logit_lens_compare
+from unlearnlens.loaders import load_pairs, load_tofu, load_wmdp
 from unlearnlens.models import (
     SUPPORTED_ARCHITECTURES,
     check_compatible,
@@ -77,6 +79,7 @@ __all__ = [
     "Concept",
     "ConceptVector",
     "ConfigError",
+    "DataFileError",
     "DriftTable",
     "Evaluation",
     "FileFormatError",
@@ -111,6 +114,9 @@ __all__ = [
     "load_conceptvectors",
     "load_hf",
     "load_model",
+    "load_pairs",
+    "load_tofu",
+    "load_wmdp",
     "locate_concept_vectors",
     "logit_lens",
     "logit_lens_compare",

@@ -12,6 +12,7 @@ __all__ = [
     "CheckpointError",
     "ComponentError",
     "ConfigError",
+    "DataFileError",
     "FileFormatError",
     "HookError",
     "IncompatibleModelsError",
@@ -75,3 +76,7 @@ class NonFiniteLossError(UnlearnLensError, FloatingPointError):
 
 class FileFormatError(UnlearnLensError, ValueError):
     """A file that is missing, truncated, corrupt or not in the expected format; names the file."""
+
+
+class DataFileError(FileFormatError):
+    """A prompt data file (pairs, TOFU, WMDP) that is malformed; names the file and line."""
