@@ -53,6 +53,8 @@ from unlearnlens.report import write_report
 from unlearnlens.restoration import Restoration, restore_, restore_sweep, restored
 from unlearnlens.results import SweepResult
 from unlearnlens.study import ANALYSES, CoefficientTables, StudyResult, dissect
+from unlearnlens.suite import Recipe, SuiteCase, run_suite
+from unlearnlens.suite_result import SuiteResult
 from unlearnlens.trainers import (
     MethodConfig,
     MethodLoss,
@@ -93,9 +95,12 @@ __all__ = [
     "ParamSelection",
     "PromptError",
     "PromptSet",
+    "Recipe",
     "RelearnRun",
     "Restoration",
     "StudyResult",
+    "SuiteCase",
+    "SuiteResult",
     "SweepResult",
     "UnknownMethodError",
     "UnlearnLensError",
@@ -133,6 +138,7 @@ __all__ = [
     "restore_",
     "restore_sweep",
     "restored",
+    "run_suite",
     "save_hf",
     "save_model",
     "select_parameters",
