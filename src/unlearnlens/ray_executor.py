@@ -8,7 +8,7 @@ optional dependency: ``pip install 'unlearnlens[ray]'``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from unlearnlens._checks import check_float
@@ -30,8 +30,8 @@ class RayExecutor:
         num_gpus: GPUs each task asks for (fractions share a GPU).
         max_retries: Times Ray reruns a task whose worker died; a rerun case resumes from
             its finished studies.
-        **init_kwargs: Passed to ``ray.init`` (``address="auto"`` to join a cluster,
-            ``num_cpus`` for a local one, ``runtime_env``).
+        init: Keyword arguments of ``ray.init`` (``{"address": "auto"}`` to join a cluster,
+            ``{"num_cpus": 8}`` for a local one, ``runtime_env``).
 
     Raises:
         ImportError: Ray is not installed (the ``ray`` extra).
@@ -41,10 +41,10 @@ class RayExecutor:
     def __init__(
         self,
         *,
-        num_cpus: float = 1,
-        num_gpus: float = 0,
+        num_cpus: float | int = 1,
+        num_gpus: float | int = 0,
         max_retries: int = 0,
-        **init_kwargs: Any,
+        init: Mapping[str, Any] | None = None,
     ) -> None:
         try:
             import ray  # noqa: F401
@@ -55,14 +55,14 @@ class RayExecutor:
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ConfigError(f"max_retries must be a non-negative integer, got {max_retries!r}")
         self.options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_retries": max_retries}
-        self.init_kwargs = init_kwargs
+        self.init = dict(init or {})
         self._started = False
 
     def _ensure(self) -> Any:
         import ray
 
         if not ray.is_initialized():
-            ray.init(**self.init_kwargs)
+            ray.init(**self.init)
             self._started = True
         return ray
 

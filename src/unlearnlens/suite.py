@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Union
+from typing import TYPE_CHECKING, Any, Protocol, Union, runtime_checkable
 
 from unlearnlens._checks import check_int, check_window
 from unlearnlens._progress import bar, progress_enabled
@@ -107,6 +107,7 @@ class SuiteCase:
     retain: Sequence[Pair] | Sequence[str] | None = None
 
 
+@runtime_checkable
 class Executor(Protocol):
     """What ``run_suite(executor=...)`` needs: ``submit(fn, *args)`` -> a future."""
 
