@@ -49,6 +49,7 @@ from unlearnlens.models import (
 )
 from unlearnlens.patching import patch, patch_attention, patch_mlp_coefficients, patch_residual
 from unlearnlens.prompts import PromptSet, format_question
+from unlearnlens.ray_executor import RayExecutor
 from unlearnlens.report import write_report
 from unlearnlens.restoration import Restoration, restore_, restore_sweep, restored
 from unlearnlens.results import SweepResult
@@ -95,6 +96,7 @@ __all__ = [
     "ParamSelection",
     "PromptError",
     "PromptSet",
+    "RayExecutor",
     "Recipe",
     "RelearnRun",
     "Restoration",

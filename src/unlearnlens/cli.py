@@ -1,4 +1,4 @@
-"""The ``unlearnlens`` command: ``demo``, ``dissect`` and ``unlearn``.
+"""The ``unlearnlens`` command: ``demo``, ``dissect``, ``unlearn`` and ``suite``.
 
 * ``unlearnlens demo [--out DIR] [--quick] [--threads N] [--no-progress]`` runs the whole
   study on the embedded toy world: trains (or loads from the cache) the base model, unlearns
@@ -8,7 +8,11 @@
 * ``unlearnlens dissect --base DIR --unlearned NAME=DIR [NAME=DIR ...] --concepts FILE.json
   [--concept NAME] --out DIR`` runs the study on local checkpoints and one ConceptVectors
   concept: its questions in the study's format, answered by the base model's greedy
-  continuation, and its ``unrelated_QA`` questions for side effects.
+  continuation, and its ``unrelated_QA`` questions for side effects. ``--pairs FILE
+  [--pairs-format pairs|tofu|wmdp]`` instead of ``--concepts`` takes the prompts and answers
+  from a file (:mod:`unlearnlens.loaders`), used as given.
+* ``unlearnlens suite --out DIR`` runs many concepts x methods, resumably (see
+  :mod:`unlearnlens._cli_suite`): the toy suite by default, or ``--cases FILE.json``.
 * ``unlearnlens unlearn --model DIR --forget FILE [--retain FILE] --method NAME --out DIR
   [--format auto|hf|unlearnlens]`` unlearns with a registered method and saves the model as a
   Hugging Face checkpoint (:func:`unlearnlens.save_hf`) when it fits a supported class exactly,
@@ -287,6 +291,10 @@ def _dissect(args: argparse.Namespace) -> int:
     ]:
         if not p.is_dir():
             raise FileNotFoundError(f"{label}: no model directory at {str(p)!r}")
+    if (args.concepts is None) == (args.pairs is None):
+        raise ConfigError("give exactly one of --concepts (ConceptVectors) and --pairs FILE")
+    if args.pairs is not None:
+        return _dissect_pairs(args, analyses, paths, started)
     concepts = load_conceptvectors(args.concepts)
     if args.concept is None:
         concept = concepts[0]
@@ -320,6 +328,39 @@ def _dissect(args: argparse.Namespace) -> int:
         analyses=analyses,
         batch_size=args.batch_size,
         progress=progress,
+    )
+    index = study.report(args.out)
+    _print_study(study, index, started)
+    return 0
+
+
+def read_prompt_file(path: str | Path, fmt: str) -> list[tuple[str, str]]:
+    """Reads ``(prompt, answer)`` pairs in one of the :mod:`unlearnlens.loaders` formats."""
+    from unlearnlens.loaders import load_pairs, load_tofu, load_wmdp
+
+    readers = {"pairs": load_pairs, "tofu": load_tofu, "wmdp": load_wmdp}
+    if fmt not in readers:
+        raise ConfigError(f"unknown prompt file format {fmt!r}; use one of {sorted(readers)}")
+    return readers[fmt](path)
+
+
+def _dissect_pairs(
+    args: argparse.Namespace, analyses: tuple[str, ...], paths: dict[str, Path], started: float
+) -> int:
+    from unlearnlens.study import dissect
+
+    pairs = read_prompt_file(args.pairs, args.pairs_format)
+    print(f"prompts: {len(pairs)} pairs from {args.pairs}", file=sys.stderr)
+    base = load_any(args.base, device=args.device, dtype=args.dtype)
+    models = {n: load_any(p, device=args.device, dtype=args.dtype) for n, p in paths.items()}
+    study = dissect(
+        base,
+        models,
+        pairs,
+        window=args.window,
+        analyses=analyses,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
     )
     index = study.report(args.out)
     _print_study(study, index, started)
@@ -392,7 +433,7 @@ def _parser() -> _Parser:
         "knows?",
     )
     sub = parser.add_subparsers(
-        dest="command", metavar="{demo,dissect,unlearn}", parser_class=_Parser
+        dest="command", metavar="{demo,dissect,unlearn,suite}", parser_class=_Parser
     )
 
     demo = sub.add_parser("demo", help="run the whole study on the embedded toy world")
@@ -412,7 +453,14 @@ def _parser() -> _Parser:
     dis.add_argument(
         "--unlearned", required=True, nargs="+", metavar="NAME=DIR", help="unlearned model folders"
     )
-    dis.add_argument("--concepts", required=True, help="ConceptVectors JSON file")
+    dis.add_argument("--concepts", help="ConceptVectors JSON file (or give --pairs)")
+    dis.add_argument("--pairs", help="a file of (prompt, answer) pairs, used as given")
+    dis.add_argument(
+        "--pairs-format",
+        choices=("pairs", "tofu", "wmdp"),
+        default="pairs",
+        help="format of --pairs: JSONL/JSON/CSV pairs (default), TOFU, WMDP",
+    )
     dis.add_argument("--concept", help="concept name (default: the file's first entry)")
     dis.add_argument("--out", required=True, help="report folder")
     dis.add_argument("--device", help="cpu, cuda, cuda:1, ...")
@@ -456,7 +504,16 @@ def _parser() -> _Parser:
     unl.add_argument("--device", help="cpu, cuda, ...")
     unl.add_argument("--dtype", choices=_DTYPES, help="parameter dtype")
     unl.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    from unlearnlens._cli_suite import add_suite_parser
+
+    add_suite_parser(sub)
     return parser
+
+
+def _suite(args: argparse.Namespace) -> int:
+    from unlearnlens._cli_suite import run_suite_command
+
+    return run_suite_command(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -467,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
-        run = {"demo": _demo, "dissect": _dissect, "unlearn": _unlearn}[args.command]
+        run = {"demo": _demo, "dissect": _dissect, "unlearn": _unlearn, "suite": _suite}
+        run = run[args.command]
         return run(args)
     except SystemExit as e:  # --help
         return int(e.code or 0)
