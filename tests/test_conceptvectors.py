@@ -52,3 +52,27 @@ def test_bad_files(tmp_path):
     bad.write_text("[]")
     with pytest.raises(ConceptDataError, match="no ConceptVectors entries"):
         ul.load_conceptvectors(bad)
+
+
+def test_keeps_saved_answers_and_warns_on_conflicting_ids(tmp_path):
+    path = tmp_path / "cv.json"
+    raw = [
+        _entry(
+            "Harry Potter",
+            id=3,
+            ID=4,
+            QA_with_answers=[{"question": "Who wrote it?", "answer": " Rowling"}, ["Q2", " A2"]],
+            answers_tokens_num=[2, 1],
+        ),
+        _entry("Star Wars", id=5, ID=5),
+    ]
+    path.write_text(json.dumps(raw))
+    with pytest.warns(UserWarning, match=r"id=3 and ID=4"):
+        concepts = ul.load_conceptvectors(path)
+    assert concepts[0].qa_with_answers == (("Who wrote it?", " Rowling"), ("Q2", " A2"))
+    assert concepts[0].answers_tokens_num == (2, 1)
+    assert concepts[0].id == 3 and concepts[1].id == 5
+    assert concepts[1].qa_with_answers == () and concepts[1].answers_tokens_num == ()
+    path.write_text(json.dumps([_entry("X", answers_tokens_num=["two"])]))
+    with pytest.raises(ConceptDataError, match="answers_tokens_num"):
+        ul.load_conceptvectors(path)

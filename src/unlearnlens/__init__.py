@@ -26,6 +26,7 @@ from unlearnlens.errors import (
     CheckpointError,
     ComponentError,
     ConfigError,
+    DataFileError,
     FileFormatError,
     HookError,
     IncompatibleModelsError,
@@ -39,7 +40,9 @@ from unlearnlens.errors import (
     UnsupportedArchitectureError,
 )
 from unlearnlens.evaluation import Evaluation, evaluate
+from unlearnlens.export import save_hf
 from unlearnlens.lens import attribution_patch, logit_lens, logit_lens_compare
+from unlearnlens.loaders import load_pairs, load_tofu, load_wmdp
 from unlearnlens.models import (
     SUPPORTED_ARCHITECTURES,
     check_compatible,
@@ -49,11 +52,14 @@ from unlearnlens.models import (
 )
 from unlearnlens.patching import patch, patch_attention, patch_mlp_coefficients, patch_residual
 from unlearnlens.prompts import PromptSet, format_question
+from unlearnlens.ray_executor import RayExecutor
 from unlearnlens.report import write_report
 from unlearnlens.restoration import Restoration, restore_, restore_sweep, restored
 from unlearnlens.results import SweepResult
 from unlearnlens.scoring import score
 from unlearnlens.study import ANALYSES, CoefficientTables, StudyResult, dissect
+from unlearnlens.suite import Recipe, SuiteCase, run_suite
+from unlearnlens.suite_result import SuiteResult
 from unlearnlens.trainers import (
     MethodConfig,
     MethodLoss,
@@ -82,6 +88,7 @@ __all__ = [
     "Concept",
     "ConceptVector",
     "ConfigError",
+    "DataFileError",
     "DriftTable",
     "Evaluation",
     "FileFormatError",
@@ -96,9 +103,13 @@ __all__ = [
     "ParamSelection",
     "PromptError",
     "PromptSet",
+    "RayExecutor",
+    "Recipe",
     "RelearnRun",
     "Restoration",
     "StudyResult",
+    "SuiteCase",
+    "SuiteResult",
     "SweepResult",
     "UnknownMethodError",
     "UnlearnLensError",
@@ -117,6 +128,9 @@ __all__ = [
     "load_conceptvectors",
     "load_hf",
     "load_model",
+    "load_pairs",
+    "load_tofu",
+    "load_wmdp",
     "locate_concept_vectors",
     "logit_lens",
     "logit_lens_compare",
@@ -133,6 +147,8 @@ __all__ = [
     "restore_",
     "restore_sweep",
     "restored",
+    "run_suite",
+    "save_hf",
     "save_model",
     "score",
     "select_parameters",

@@ -1,4 +1,4 @@
-"""The ``unlearnlens`` command: ``demo``, ``dissect`` and ``unlearn``.
+"""The ``unlearnlens`` command: ``demo``, ``dissect``, ``unlearn`` and ``suite``.
 
 * ``unlearnlens demo [--out DIR] [--quick] [--threads N] [--no-progress]`` runs the whole
   study on the embedded toy world: trains (or loads from the cache) the base model, unlearns
@@ -8,9 +8,15 @@
 * ``unlearnlens dissect --base DIR --unlearned NAME=DIR [NAME=DIR ...] --concepts FILE.json
   [--concept NAME] --out DIR`` runs the study on local checkpoints and one ConceptVectors
   concept: its questions in the study's format, answered by the base model's greedy
-  continuation, and its ``unrelated_QA`` questions for side effects.
-* ``unlearnlens unlearn --model DIR --forget FILE [--retain FILE] --method NAME --out DIR``
-  unlearns with a registered method and saves the model with :func:`unlearnlens.save_model`.
+  continuation, and its ``unrelated_QA`` questions for side effects. ``--pairs FILE
+  [--pairs-format pairs|tofu|wmdp]`` instead of ``--concepts`` takes the prompts and answers
+  from a file (:mod:`unlearnlens.loaders`), used as given.
+* ``unlearnlens suite --out DIR`` runs many concepts x methods, resumably (see
+  :mod:`unlearnlens._cli_suite`): the toy suite by default, or ``--cases FILE.json``.
+* ``unlearnlens unlearn --model DIR --forget FILE [--retain FILE] --method NAME --out DIR
+  [--format auto|hf|unlearnlens]`` unlearns with a registered method and saves the model as a
+  Hugging Face checkpoint (:func:`unlearnlens.save_hf`) when it fits a supported class exactly,
+  else with :func:`unlearnlens.save_model`.
 
 A model directory is either one written by :func:`unlearnlens.save_model` (it holds
 ``unlearnlens_config.json``) or a Hugging Face checkpoint (``config.json`` + weights), loaded
@@ -293,6 +299,10 @@ def _dissect(args: argparse.Namespace) -> int:
                 f"--unlearned {name}={p} is the --base folder itself; pass the unlearned model"
             )
     check_writable(args.out, what="--out")
+    if (args.concepts is None) == (args.pairs is None):
+        raise ConfigError("give exactly one of --concepts (ConceptVectors) and --pairs FILE")
+    if args.pairs is not None:
+        return _dissect_pairs(args, analyses, paths, started)
     concepts = load_conceptvectors(args.concepts)
     if args.concept is None:
         concept = concepts[0]
@@ -332,8 +342,65 @@ def _dissect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unlearn(args: argparse.Namespace) -> int:
+def read_prompt_file(path: str | Path, fmt: str) -> list[tuple[str, str]]:
+    """Reads ``(prompt, answer)`` pairs in one of the :mod:`unlearnlens.loaders` formats."""
+    from unlearnlens.loaders import load_pairs, load_tofu, load_wmdp
+
+    readers = {"pairs": load_pairs, "tofu": load_tofu, "wmdp": load_wmdp}
+    if fmt not in readers:
+        raise ConfigError(f"unknown prompt file format {fmt!r}; use one of {sorted(readers)}")
+    return readers[fmt](path)
+
+
+def _dissect_pairs(
+    args: argparse.Namespace, analyses: tuple[str, ...], paths: dict[str, Path], started: float
+) -> int:
+    from unlearnlens.study import dissect
+
+    pairs = read_prompt_file(args.pairs, args.pairs_format)
+    print(f"prompts: {len(pairs)} pairs from {args.pairs}", file=sys.stderr)
+    base = load_any(args.base, device=args.device, dtype=args.dtype)
+    models = {n: load_any(p, device=args.device, dtype=args.dtype) for n, p in paths.items()}
+    study = dissect(
+        base,
+        models,
+        pairs,
+        window=args.window,
+        analyses=analyses,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    index = study.report(args.out)
+    _print_study(study, index, started)
+    return 0
+
+
+def _save_unlearned(model: HookedTransformer, out: str, fmt: str) -> Path:
+    """Saves as a Hugging Face checkpoint (``hf``), an unlearnlens folder, or ``auto``.
+
+    ``auto`` writes the Hugging Face format when the model fits a supported class exactly and
+    the unlearnlens format otherwise (saying why on stderr).
+    """
+    from unlearnlens.errors import UnsupportedArchitectureError
+    from unlearnlens.export import save_hf
     from unlearnlens.models import save_model
+
+    if fmt == "unlearnlens":
+        return save_model(model, out)
+    try:
+        return save_hf(model, out)
+    except UnsupportedArchitectureError as e:
+        if fmt == "hf":
+            raise
+        print(
+            f"not a Hugging Face checkpoint ({e}); saving in the unlearnlens format",
+            file=sys.stderr,
+        )
+        return save_model(model, out)
+
+
+def _unlearn(args: argparse.Namespace) -> int:
+    from unlearnlens.export import hf_trainable, save_hf
     from unlearnlens.trainers import get_method, unlearn
 
     get_method(args.method)  # an unknown method fails before anything loads
@@ -346,6 +413,13 @@ def _unlearn(args: argparse.Namespace) -> int:
     forget = read_train_file(args.forget)
     retain = None if args.retain is None else read_train_file(args.retain)
     model = load_any(args.model, device=args.device, dtype=args.dtype)
+    params = None
+    if args.format != "unlearnlens":
+        # a model that fits a Hugging Face class keeps fitting it: parameters the class lacks
+        # (TransformerLens's extra biases, zero after load_hf) are not trained
+        params = hf_trainable(model)
+        if params is None and args.format == "hf":
+            save_hf(model, Path(args.out))  # raises, naming what does not fit
     run = unlearn(
         model,
         forget,
@@ -353,9 +427,10 @@ def _unlearn(args: argparse.Namespace) -> int:
         method=args.method,
         steps=args.steps,
         lr=args.lr,
+        params=params,
         progress=not args.no_progress,
     )
-    out = save_model(run.model, args.out)
+    out = _save_unlearned(run.model, args.out, args.format)
     final = ", ".join(f"{k} {v:.3f}" for k, v in run.final.items())
     print(f"{args.method}: {run.config.steps} steps; {final}")
     print(f"saved: {out}")
@@ -372,7 +447,7 @@ def _parser() -> _Parser:
         "knows?",
     )
     sub = parser.add_subparsers(
-        dest="command", metavar="{demo,dissect,unlearn}", parser_class=_Parser
+        dest="command", metavar="{demo,dissect,unlearn,suite}", parser_class=_Parser
     )
 
     demo = sub.add_parser("demo", help="run the whole study on the embedded toy world")
@@ -392,7 +467,14 @@ def _parser() -> _Parser:
     dis.add_argument(
         "--unlearned", required=True, nargs="+", metavar="NAME=DIR", help="unlearned model folders"
     )
-    dis.add_argument("--concepts", required=True, help="ConceptVectors JSON file")
+    dis.add_argument("--concepts", help="ConceptVectors JSON file (or give --pairs)")
+    dis.add_argument("--pairs", help="a file of (prompt, answer) pairs, used as given")
+    dis.add_argument(
+        "--pairs-format",
+        choices=("pairs", "tofu", "wmdp"),
+        default="pairs",
+        help="format of --pairs: JSONL/JSON/CSV pairs (default), TOFU, WMDP",
+    )
     dis.add_argument("--concept", help="concept name (default: the file's first entry)")
     dis.add_argument("--out", required=True, help="report folder")
     dis.add_argument("--device", help="cpu, cuda, cuda:1, ...")
@@ -428,12 +510,29 @@ def _parser() -> _Parser:
         help="ga, grad_diff, npo, npo_kl, npo_rt, simnpo, dpo, dpo_retain, rmu, idk, ...",
     )
     unl.add_argument("--out", required=True, help="folder for the unlearned model")
+    unl.add_argument(
+        "--format",
+        choices=("auto", "hf", "unlearnlens"),
+        default="auto",
+        help="hf: a Hugging Face checkpoint (for lm-eval, open-unlearning); unlearnlens: "
+        "save_model's format; auto (default): hf when the model fits a Hugging Face class "
+        "exactly, else unlearnlens",
+    )
     unl.add_argument("--steps", type=int, help="optimizer steps (default: the method's)")
     unl.add_argument("--lr", type=float, help="learning rate (default: the method's)")
     unl.add_argument("--device", help="cpu, cuda, ...")
     unl.add_argument("--dtype", choices=_DTYPES, help="parameter dtype")
     unl.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    from unlearnlens._cli_suite import add_suite_parser
+
+    add_suite_parser(sub)
     return parser
+
+
+def _suite(args: argparse.Namespace) -> int:
+    from unlearnlens._cli_suite import run_suite_command
+
+    return run_suite_command(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -444,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
-        run = {"demo": _demo, "dissect": _dissect, "unlearn": _unlearn}[args.command]
+        run = {"demo": _demo, "dissect": _dissect, "unlearn": _unlearn, "suite": _suite}
+        run = run[args.command]
         return run(args)
     except SystemExit as e:  # --help
         return int(e.code or 0)

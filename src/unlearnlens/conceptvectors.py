@@ -10,6 +10,7 @@ neither.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,11 @@ class Concept:
         text_completion: ``(first_half, second_half)`` pairs of text about the concept.
         unrelated_qa: Questions about other concepts, for side effects.
         wikipedia_content: Text about the concept (the unlearning data of the study).
-        id: The entry's ``id``/``ID`` when the file has one.
+        id: The entry's ``id``/``ID`` when the file has one (``id`` when both are there).
+        qa_with_answers: The file's ``QA_with_answers`` as ``(question, answer)`` pairs, when
+            present (the study's saved base-model answers).
+        answers_tokens_num: The file's ``answers_tokens_num`` (answer lengths in tokens), when
+            present.
     """
 
     concept: str
@@ -47,6 +52,8 @@ class Concept:
     unrelated_qa: tuple[str, ...] = ()
     wikipedia_content: str = ""
     id: int | str | None = None
+    qa_with_answers: tuple[tuple[str, str], ...] = ()
+    answers_tokens_num: tuple[int, ...] = ()
 
     @property
     def neuron(self) -> int:
@@ -91,7 +98,52 @@ def _completions(raw: Any, where: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _entry(raw: Any, index: int) -> Concept:
+def _answered(raw: Any, where: str) -> tuple[tuple[str, str], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConceptDataError(
+            f"{where}: 'QA_with_answers' must be a list, got {type(raw).__name__}"
+        )
+    out = []
+    for item in raw:
+        if isinstance(item, dict):
+            q = item.get("question", item.get("Question"))
+            a = item.get("answer", item.get("Answer"))
+        elif isinstance(item, (list, tuple)) and len(item) == 2:
+            q, a = item
+        else:
+            q = a = None
+        if not isinstance(q, str) or not isinstance(a, str):
+            raise ConceptDataError(
+                f"{where}: each 'QA_with_answers' item needs a question and an answer string; "
+                f"got {item!r}"
+            )
+        out.append((q, a))
+    return tuple(out)
+
+
+def _token_counts(raw: Any, where: str) -> tuple[int, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(
+        isinstance(n, int) and not isinstance(n, bool) for n in raw
+    ):
+        raise ConceptDataError(f"{where}: 'answers_tokens_num' must be a list of integers")
+    return tuple(raw)
+
+
+def _entry_id(raw: dict, where: str, path: Path | None) -> int | str | None:
+    if "id" in raw and "ID" in raw and raw["id"] != raw["ID"]:
+        warnings.warn(
+            f"{path or 'ConceptVectors data'}: {where} has id={raw['id']!r} and "
+            f"ID={raw['ID']!r}; using id",
+            stacklevel=4,
+        )
+    return raw.get("id", raw.get("ID"))
+
+
+def _entry(raw: Any, index: int, path: Path | None = None) -> Concept:
     where = f"entry {index}"
     if not isinstance(raw, dict):
         raise ConceptDataError(f"{where} is not an object: {raw!r}")
@@ -116,14 +168,17 @@ def _entry(raw: Any, index: int) -> Concept:
         text_completion=_completions(raw.get("text_completion"), where),
         unrelated_qa=_questions(raw.get("unrelated_QA"), "unrelated_QA", where),
         wikipedia_content=str(wiki),
-        id=raw.get("id", raw.get("ID")),
+        id=_entry_id(raw, where, path),
+        qa_with_answers=_answered(raw.get("QA_with_answers"), where),
+        answers_tokens_num=_token_counts(raw.get("answers_tokens_num"), where),
     )
 
 
 def load_conceptvectors(path: str | Path) -> list[Concept]:
     """Reads a ConceptVectors JSON file (a list of entries) into :class:`Concept` records.
 
-    The file is only read, never written.
+    The file is only read, never written. An entry whose ``id`` and ``ID`` differ gets a
+    warning (``id`` is kept).
 
     Raises:
         CheckpointError: The file does not exist.
@@ -141,4 +196,4 @@ def load_conceptvectors(path: str | Path) -> list[Concept]:
         data = data.get("data", [data])
     if not isinstance(data, list) or not data:
         raise ConceptDataError(f"{path} holds no ConceptVectors entries")
-    return [_entry(raw, i) for i, raw in enumerate(data)]
+    return [_entry(raw, i, path) for i, raw in enumerate(data)]

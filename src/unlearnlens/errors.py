@@ -14,6 +14,7 @@ __all__ = [
     "CheckpointError",
     "ComponentError",
     "ConfigError",
+    "DataFileError",
     "FileFormatError",
     "HookError",
     "IncompatibleModelsError",
@@ -102,3 +103,7 @@ class ArgumentOrderWarning(UserWarning):
     A warning, not an error, where nothing is changed: patching or scoring in the other
     direction is a valid experiment. Filter it with ``warnings.filterwarnings`` when meant.
     """
+
+
+class DataFileError(FileFormatError):
+    """A prompt data file (pairs, TOFU, WMDP) that is malformed; names the file and line."""

@@ -8,6 +8,7 @@ laptop.
 """
 
 from unlearnlens.toy.accuracy import accuracy_by_split, split_pairs
+from unlearnlens.toy.suite import toy_suite
 from unlearnlens.toy.tokenizer import SPECIAL_TOKENS, make_tokenizer
 from unlearnlens.toy.train import ToyTrainConfig, default_cache_dir, model_config, train_base
 from unlearnlens.toy.world import RELATIONS, Relation, World, make_world
@@ -24,5 +25,6 @@ __all__ = [
     "make_world",
     "model_config",
     "split_pairs",
+    "toy_suite",
     "train_base",
 ]

@@ -1,0 +1,57 @@
+"""Tests for ``unlearnlens suite`` and ``unlearnlens dissect --pairs``."""
+
+from __future__ import annotations
+
+import json
+
+import unlearnlens as ul
+from conftest import PAIRS, build_model, perturbed
+from unlearnlens.cli import main
+from unlearnlens.patching import patch_mlp_coefficients
+
+
+def _saved(tmp_path):
+    base = build_model("llama", seed=1)
+    ul.save_model(base, tmp_path / "base")
+    ul.save_model(perturbed(base, 0.2, seed=2), tmp_path / "u1")
+    ul.save_model(perturbed(base, 0.3, seed=3), tmp_path / "u2")
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        for p, a in PAIRS:
+            f.write(json.dumps({"prompt": p, "answer": a}) + "\n")
+    return base
+
+
+def test_dissect_pairs_file(tmp_path, capsys):
+    base = _saved(tmp_path)
+    args = ["dissect", "--base", str(tmp_path / "base"), "--unlearned", f"u1={tmp_path / 'u1'}"]
+    args += ["--pairs", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "r")]
+    args += ["--window", "1", "--analyses", "patch_mlp", "--no-progress"]
+    assert main(args) == 0
+    study = ul.StudyResult.load(tmp_path / "r")
+    u1 = ul.load_model(tmp_path / "u1")
+    assert study.sweeps["u1"]["patch_mlp"] == patch_mlp_coefficients(
+        base, u1, PAIRS, progress=False
+    )
+    capsys.readouterr()
+    assert main([*args, "--concepts", str(tmp_path / "cv.json")]) == 2
+    assert "exactly one of --concepts" in capsys.readouterr().err
+
+
+def test_suite_command_on_a_cases_file(tmp_path, capsys):
+    _saved(tmp_path)
+    cases = [
+        {"concept": c, "pairs": "pairs.jsonl", "unlearned": {"a": "u1", "b": "u2"}}
+        for c in ("one", "two")
+    ]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    args = ["suite", "--cases", str(tmp_path / "cases.json"), "--base", str(tmp_path / "base")]
+    args += ["--out", str(tmp_path / "s"), "--analyses", "patch_mlp", "--window", "1"]
+    assert main([*args, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "report:" in printed and "patch_mlp" in printed
+    result = ul.SuiteResult.load(tmp_path / "s")
+    assert result.concepts == ["one", "two"] and result.methods == ["a", "b"]
+    base, u2 = ul.load_model(tmp_path / "base"), ul.load_model(tmp_path / "u2")
+    expected = patch_mlp_coefficients(base, u2, PAIRS, progress=False)
+    assert result.study("two", "b").sweeps["b"]["patch_mlp"] == expected
+    assert (tmp_path / "s" / "report" / "index.html").is_file()
