@@ -1,6 +1,7 @@
 """unlearnlens: has an unlearned language model forgotten, or does it only hide what it knows?"""
 
 from unlearnlens import metrics, toy, trainers
+from unlearnlens.audit import AuditResult, audit
 from unlearnlens.coefficients import (
     CoefficientStats,
     coefficient_positions,
@@ -32,6 +33,7 @@ from unlearnlens.errors import (
     NonFiniteLossError,
     PromptError,
     UnknownMethodError,
+    UnknownProbeError,
     UnlearnLensError,
     UnsupportedArchitectureError,
 )
@@ -68,6 +70,7 @@ from unlearnlens.trainers import (
 __all__ = [
     "ANALYSES",
     "SUPPORTED_ARCHITECTURES",
+    "AuditResult",
     "CheckpointError",
     "CoefficientComparison",
     "CoefficientStats",
@@ -94,11 +97,13 @@ __all__ = [
     "StudyResult",
     "SweepResult",
     "UnknownMethodError",
+    "UnknownProbeError",
     "UnlearnLensError",
     "UnlearnRun",
     "UnlearningMethod",
     "UnsupportedArchitectureError",
     "attribution_patch",
+    "audit",
     "available_methods",
     "check_compatible",
     "coefficient_positions",

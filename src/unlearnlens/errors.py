@@ -20,6 +20,7 @@ __all__ = [
     "NonFiniteLossError",
     "PromptError",
     "UnknownMethodError",
+    "UnknownProbeError",
     "UnlearnLensError",
     "UnsupportedArchitectureError",
 ]
@@ -75,3 +76,7 @@ class NonFiniteLossError(UnlearnLensError, FloatingPointError):
 
 class FileFormatError(UnlearnLensError, ValueError):
     """A file that is missing, truncated, corrupt or not in the expected format; names the file."""
+
+
+class UnknownProbeError(UnlearnLensError, ValueError):
+    """An audit probe name that is not registered."""

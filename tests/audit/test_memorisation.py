@@ -98,6 +98,11 @@ def test_truth_ratio_matches_formula(model):
     assert truth_ratio_retain(r) == pytest.approx(
         sum(max(0.0, 1 - x) for x in expect) / 2, rel=1e-4, abs=1e-6
     )
+    flat = PromptSet.from_pairs(model, [pair for group in wrong for pair in group])
+    r_flat = truth_ratios(model, correct, flat, counts=[2, 1])
+    assert r_flat.tolist() == pytest.approx(expect, rel=1e-4)
+    with pytest.raises(PromptError, match="counts"):
+        truth_ratios(model, correct, flat, counts=[1, 1])
     with pytest.raises(PromptError, match="perturbed has 1 entries"):
         truth_ratios(model, correct, wrong[:1])
 

@@ -232,8 +232,9 @@ def membership_auc(
 def truth_ratios(
     model: object,
     correct: Prompts,
-    perturbed: Sequence[Prompts],
+    perturbed: Sequence[Prompts] | PromptSet,
     *,
+    counts: Sequence[int] | None = None,
     batch_size: int | None = None,
 ) -> Float[Tensor, " batch"]:
     """Per question, ``R = exp(-mean_j L(a_j)) / (exp(-L(a)) + 1e-10)``.
@@ -242,13 +243,27 @@ def truth_ratios(
         model: The model.
         correct: Each question with its correct (TOFU: paraphrased) answer.
         perturbed: One entry per question of ``correct``: that question with its perturbed
-            (wrong) answers, as ``(question, answer)`` pairs or a PromptSet.
+            (wrong) answers, as ``(question, answer)`` pairs or a PromptSet. Or one PromptSet
+            of every perturbed answer, question after question, with ``counts``.
+        counts: With a single PromptSet ``perturbed``: how many of its prompts belong to
+            each question, in order.
         batch_size: Most prompts per forward pass.
 
     Raises:
         PromptError: A count mismatch, or a question without perturbed answers.
     """
     ps = as_promptset(model, correct)  # type: ignore[arg-type]
+    if isinstance(perturbed, PromptSet):
+        counts = [check_int(c, "counts", minimum=1) for c in (counts or [])]
+        if len(counts) != len(ps) or sum(counts) != len(perturbed):
+            raise PromptError(
+                f"counts must give one count (>= 1) per question ({len(ps)}) summing to the "
+                f"{len(perturbed)} perturbed prompts, got {counts}"
+            )
+        flat_loss = answer_losses(model, perturbed, batch_size=batch_size)
+        wrong = torch.stack([x.mean() for x in flat_loss.split(counts)])
+        correct_loss = answer_losses(model, ps, batch_size=batch_size)
+        return torch.exp(-wrong) / (torch.exp(-correct_loss) + _EPS)
     perturbed = list(perturbed)
     if len(perturbed) != len(ps):
         raise PromptError(

@@ -35,7 +35,13 @@ if TYPE_CHECKING:
 
     from unlearnlens.prompts import PromptSet
 
-__all__ = ["LinearProbes", "fit_linear_probes", "last_prompt_residuals"]
+__all__ = [
+    "LinearProbes",
+    "class_accuracy",
+    "fit_linear_probes",
+    "last_prompt_residuals",
+    "pairwise_class_accuracy",
+]
 
 
 def _sklearn() -> Any:
@@ -121,34 +127,26 @@ class LinearProbes:
     def scores(
         self, resid: Float[Tensor, "layer batch d_model"]
     ) -> Float[Tensor, "layer batch n_classes"]:
-        """The probes' decision scores (log-odds) for every class."""
+        """The probes' decision scores for every class (two-class probes: ``-s/2, s/2``)."""
         self._check(resid)
-        return torch.stack(
-            [
-                torch.as_tensor(m.decision_function(r.numpy()), dtype=torch.float32).reshape(
-                    r.shape[0], -1
-                )
-                for m, r in zip(self.models, resid)
-            ]
-        )
+        out = []
+        for m, r in zip(self.models, resid):
+            s = torch.as_tensor(m.decision_function(r.numpy()), dtype=torch.float32)
+            out.append(torch.stack([-s / 2, s / 2], dim=-1) if s.ndim == 1 else s)
+        return torch.stack(out)
 
-    def _class_index(self, tokens: Tensor) -> Tensor:
+    def class_index(self, tokens: Int[Tensor, "..."]) -> Int[Tensor, "..."]:
+        """The class index of each token id (-1 for ids that are not a class)."""
         lookup = {t: i for i, t in enumerate(self.classes)}
-        return torch.tensor([lookup.get(int(t), -1) for t in tokens.flatten()]).reshape(
-            tokens.shape
-        )
+        return torch.tensor(
+            [lookup.get(int(t), -1) for t in tokens.flatten()], dtype=torch.long
+        ).reshape(tokens.shape)
 
     def accuracy(
         self, resid: Float[Tensor, "layer batch d_model"], labels: Int[Tensor, " batch"]
     ) -> Float[Tensor, " layer"]:
         """Per layer, the share of rows whose top class is the label (unknown labels miss)."""
-        s = self.scores(resid)
-        if len(self.classes) == 2:  # binary: one score, for the second class
-            pred = (s[..., 0] > 0).long()
-        else:
-            pred = s.argmax(-1)
-        idx = self._class_index(labels)
-        return (pred == idx[None]).float().mean(-1)
+        return class_accuracy(self.scores(resid), self.class_index(labels))
 
     def pairwise_accuracy(
         self,
@@ -158,29 +156,47 @@ class LinearProbes:
     ) -> Float[Tensor, " layer"]:
         """Per layer, the share of rows scoring the label above all their known distractors.
 
-        Rows whose label is not a class count as misses; distractors that are not classes are
-        ignored; rows left without a distractor are left out.
+        See :func:`pairwise_class_accuracy`; distractors are token ids.
         """
-        s = self.scores(resid)
-        if len(self.classes) == 2:
-            s = torch.stack([-s[..., 0], s[..., 0]], dim=-1) / 2
-        idx = self._class_index(labels)
-        hits: list[Tensor] = []
-        for i, ds in enumerate(distractors):
-            d_idx = [
-                j
-                for j in self._class_index(torch.tensor(list(ds), dtype=torch.long)).tolist()
-                if j >= 0 and j != int(idx[i])
-            ]
-            if not d_idx:
-                continue
-            if int(idx[i]) < 0:
-                hits.append(torch.zeros(s.shape[0]))
-                continue
-            hits.append((s[:, i, int(idx[i])] > s[:, i, d_idx].amax(-1)).float())
-        if not hits:
-            raise ConfigError("no prompt has a distractor among the probes' classes")
-        return torch.stack(hits, dim=-1).mean(-1)
+        d_idx = [
+            self.class_index(torch.tensor(list(d), dtype=torch.long)).tolist() for d in distractors
+        ]
+        return pairwise_class_accuracy(self.scores(resid), self.class_index(labels), d_idx)
+
+
+def class_accuracy(
+    scores: Float[Tensor, "layer batch n_classes"], label_index: Int[Tensor, " batch"]
+) -> Float[Tensor, " layer"]:
+    """Per layer, the share of rows whose top-scoring class is their label (-1 never is)."""
+    return (scores.argmax(-1) == label_index[None]).float().mean(-1)
+
+
+def pairwise_class_accuracy(
+    scores: Float[Tensor, "layer batch n_classes"],
+    label_index: Int[Tensor, " batch"],
+    distractor_index: Sequence[Sequence[int]],
+) -> Float[Tensor, " layer"]:
+    """Per layer, the share of rows whose label scores above every one of their distractors.
+
+    Distractor indices below 0 (not a class) or equal to the label are ignored, and rows left
+    without a distractor are left out; a row whose label is not a class (-1) counts as a miss.
+
+    Raises:
+        ConfigError: No row has a distractor.
+    """
+    hits: list[Tensor] = []
+    for i, ds in enumerate(distractor_index):
+        label = int(label_index[i])
+        d = [j for j in ds if j >= 0 and j != label]
+        if not d:
+            continue
+        if label < 0:
+            hits.append(torch.zeros(scores.shape[0]))
+        else:
+            hits.append((scores[:, i, label] > scores[:, i, d].amax(-1)).float())
+    if not hits:
+        raise ConfigError("no prompt has a distractor among the probes' classes")
+    return torch.stack(hits, dim=-1).mean(-1)
 
 
 def fit_linear_probes(

@@ -5,6 +5,8 @@
   refuse a phrasing often answers again once the context shows the task being solved.
 * :func:`templated` rewrites the forget prompts with a user's templates (``"{prompt}"`` marks
   where the prompt goes), beside the held-out paraphrases of the toy world.
+* :func:`neighbour_answers` finds wrong answers for a question: the answers of questions
+  that share its template and differ in a token or two (another subject, same relation).
 * :func:`fact_split` splits the forget prompts into two halves by answer, so that a relearning
   attack can train on one half and be scored on facts it never saw.
 
@@ -24,7 +26,7 @@ from unlearnlens.prompts import PromptSet
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-__all__ = ["fact_split", "few_shot", "templated"]
+__all__ = ["fact_split", "few_shot", "neighbour_answers", "templated"]
 
 
 def _bos(model: HookedTransformer) -> int | None:
@@ -139,3 +141,37 @@ def fact_split(prompts: PromptSet) -> tuple[list[int], list[int]]:
     for g, idx in enumerate(groups.values()):
         (train if g % 2 == 0 else held).extend(idx)
     return sorted(train), sorted(held)
+
+
+def neighbour_answers(
+    prompts: PromptSet, pool: Sequence[PromptSet], *, n: int = 4, max_diff: int = 2
+) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """Per prompt, up to ``n`` wrong answers taken from same-template questions.
+
+    A question of ``pool`` is a neighbour of a prompt when both prompts have the same number
+    of tokens and differ in at most ``max_diff`` of them (the same question about another
+    subject); its answer, if different from the prompt's, is a perturbed answer. Answers
+    are kept in order of first appearance, without repeats.
+
+    Returns:
+        Per prompt, the answers' token ids (possibly none).
+    """
+    n = check_int(n, "n", minimum=1)
+    max_diff = check_int(max_diff, "max_diff", minimum=0)
+    p_ids, a_ids = _seqs(prompts)
+    cands: list[tuple[list[int], tuple[int, ...]]] = []
+    for ps in pool:
+        qs, ans = _seqs(ps)
+        cands.extend((q, tuple(a)) for q, a in zip(qs, ans))
+    out = []
+    for p, a in zip(p_ids, a_ids):
+        found: list[tuple[int, ...]] = []
+        for q, b in cands:
+            if len(found) == n:
+                break
+            if len(q) != len(p) or b == tuple(a) or b in found:
+                continue
+            if sum(x != y for x, y in zip(p, q)) <= max_diff:
+                found.append(b)
+        out.append(tuple(found))
+    return tuple(out)
