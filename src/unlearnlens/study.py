@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from unlearnlens._checks import check_window
 from unlearnlens._guard import preserved
+from unlearnlens.audit.result import AuditResult
 from unlearnlens.errors import ConfigError, PromptError, UnlearnLensError
 from unlearnlens.prompts import PromptSet, as_promptset
 from unlearnlens.results import SweepResult, json_ready
@@ -150,6 +151,7 @@ def dissect(
     top_k: int = 20,
     batch_size: int | None = None,
     progress: bool = True,
+    audit: AuditResult | None = None,
 ) -> StudyResult:
     """Runs the whole unlearning study: behaviour, patching, restoration, coefficients, lens.
 
@@ -184,6 +186,8 @@ def dissect(
         top_k: Neurons listed by the coefficient comparison.
         batch_size: Most rows per forward pass.
         progress: Show progress bars.
+        audit: An :func:`unlearnlens.audit` of the same models, kept in the result and shown
+            in its report.
 
     Returns:
         A :class:`StudyResult`.
@@ -207,6 +211,8 @@ def dissect(
 
     chosen = check_analyses(analyses)
     models = _unlearned_models(unlearned)
+    if audit is not None and not isinstance(audit, AuditResult):
+        raise ConfigError(f"audit must be an AuditResult (ul.audit), got {type(audit).__name__}")
     window = check_window(window)
     bound = resolve_metric(metric)
     if answers not in ("given", "model"):
@@ -313,4 +319,5 @@ def dissect(
         coefficients=coefficients,
         base_lens=base_lens,
         meta=json_ready(meta),
+        audit=audit,
     )

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from unlearnlens.audit.result import AuditResult
 from unlearnlens.errors import UnlearnLensError
 from unlearnlens.evaluation import Evaluation
 from unlearnlens.results import SweepResult
@@ -192,6 +193,8 @@ class StudyResult:
         base_lens: The base model's logit lens, or None.
         meta: The study's settings: methods, analyses, window, metric, prompt counts, model
             names. JSON values only.
+        audit: The recovery attacks and memorisation metrics (:func:`unlearnlens.audit`) of
+            the same models, when the study was given them.
     """
 
     sweeps: dict[str, dict[str, SweepResult]]
@@ -199,6 +202,7 @@ class StudyResult:
     coefficients: dict[str, CoefficientTables] = field(default_factory=dict)
     base_lens: SweepResult | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    audit: AuditResult | None = None
 
     @property
     def methods(self) -> list[str]:
@@ -255,6 +259,7 @@ class StudyResult:
                 for i, (m, res) in enumerate(self.sweeps.items())
             },
             "base_lens": None if self.base_lens is None else sweep(self.base_lens, "base_lens"),
+            "audit": None if self.audit is None else self.audit.to_json_dict(),
         }
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -283,6 +288,7 @@ class StudyResult:
             },
             base_lens=None if data["base_lens"] is None else sweep(data["base_lens"]),
             meta=_dec(data["meta"]),
+            audit=None if data.get("audit") is None else AuditResult.from_json_dict(data["audit"]),
         )
 
     @classmethod
@@ -377,6 +383,7 @@ class StudyResult:
             and list(self.coefficients) == list(other.coefficients)
             and self.coefficients == other.coefficients
             and self.base_lens == other.base_lens
+            and self.audit == other.audit
             and json.dumps(_enc(self.meta), sort_keys=True)
             == json.dumps(_enc(other.meta), sort_keys=True)
         )

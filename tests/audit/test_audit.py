@@ -216,3 +216,25 @@ def test_default_probes_skip_what_lacks_inputs(models, monkeypatch):
     assert set(r.probes) | set(r.meta["skipped"]) == set(available_probes())
     assert set(r.probes).isdisjoint(r.meta["skipped"])
     assert r[("unlearned", "quant4")].recovered == 0.5
+
+
+def test_dissect_keeps_the_audit_and_reports_it(models, result, tmp_path):
+    from unlearnlens.study import StudyResult, dissect
+
+    base, unl = models
+    study = dissect(
+        base,
+        {"u": unl},
+        PAIRS,
+        analyses=["restore_w_out"],
+        window=1,
+        progress=False,
+        audit=result,
+    )
+    assert study.audit is result
+    index = study.report(tmp_path / "report")
+    text = index.read_text()
+    assert "Recovery attacks and memorisation metrics" in text and "in_context" in text
+    assert (tmp_path / "report" / "audit_recovered.png").is_file()
+    assert StudyResult.load(tmp_path / "report") == study
+    assert StudyResult.load(study.save(tmp_path / "saved")).audit == result
