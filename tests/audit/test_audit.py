@@ -57,7 +57,7 @@ def result(models):
         retain=PAIRS[2:],
         holdout=HOLDOUT,
         paraphrases=PARAPHRASES,
-        probes=["mia_loss", "quant4", "in_context", "paraphrase", "extraction"],
+        probes=["mia_loss", "quant4", "in_context", "paraphrase", "extraction", "restore_w_out"],
         metric="answer_logprob",
         progress=False,
     )
@@ -66,9 +66,8 @@ def result(models):
 def test_rows_match_direct_computations(models, result):
     base, unl = models
     frame = result.to_dataframe()
-    assert list(frame.index) == [
-        ("u", p) for p in ["mia_loss", "quant4", "in_context", "paraphrase", "extraction"]
-    ]
+    names = ["mia_loss", "quant4", "in_context", "paraphrase", "extraction", "restore_w_out"]
+    assert list(frame.index) == [("u", p) for p in names]
     q4 = result[("u", "quant4")]
     assert q4.base == pytest.approx(_logprob(base, PAIRS), abs=1e-4)
     assert q4.unlearned == pytest.approx(_logprob(unl, PAIRS), abs=1e-4)
@@ -85,6 +84,13 @@ def test_rows_match_direct_computations(models, result):
         for i, (prompt, answer) in enumerate(PAIRS)
     ]
     assert icl.attacked == pytest.approx(_logprob(unl, icl_pairs), abs=1e-4)
+    restored = perturbed(unl, 0.0, seed=0)
+    with torch.no_grad():
+        for b, r in zip(base.blocks, restored.blocks):
+            r.mlp.W_out.copy_(b.mlp.W_out)
+    assert result[("u", "restore_w_out")].attacked == pytest.approx(
+        _logprob(restored, PAIRS), abs=1e-4
+    )
     mia = result[("u", "mia_loss")]
     f, h = _losses(base, PAIRS), _losses(base, HOLDOUT)
     pairs = [(1.0 if b > a else 0.5 if b == a else 0.0) for a in f for b in h]
@@ -111,7 +117,12 @@ def test_plot_returns_axes(result):
     ax = Figure().subplots()
     assert result.plot(ax=ax) is ax
     assert isinstance(ax, Axes)
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["quant4", "in_context", "paraphrase"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        "quant4",
+        "in_context",
+        "paraphrase",
+        "restore_w_out",
+    ]
 
 
 def test_sub_step_unlearning_recovered_by_the_quant4_probe():

@@ -35,6 +35,7 @@ from unlearnlens.audit.builtin import (
     ParaphraseProbe,
     QuantizationProbe,
     RelearnProbe,
+    RestoreProbe,
     TemplateProbe,
     TruthRatioProbe,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "ProbeScore",
     "QuantizationProbe",
     "RelearnProbe",
+    "RestoreProbe",
     "TemplateProbe",
     "TruthRatioProbe",
     "answer_losses",

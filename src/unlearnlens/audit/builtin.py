@@ -19,6 +19,8 @@ name                   kind    what it measures
 ``linear_probe``       attack  per-layer probes from the base model decode the answer token
                                from the unlearned model's residual stream
 ``linear_probe_pair``  attack  the same probes score the answer above its distractors
+``restore_w_out``      attack  the base model's ``mlp.W_out`` in every layer (the reference
+                               study's value-vector restoration, on the same scale)
 =====================  ======  ==============================================================
 
 Attack probes score forget-set knowledge with the audit's ``metric`` (accuracy by default):
@@ -60,6 +62,7 @@ __all__ = [
     "ParaphraseProbe",
     "QuantizationProbe",
     "RelearnProbe",
+    "RestoreProbe",
     "TemplateProbe",
     "TruthRatioProbe",
 ]
@@ -516,6 +519,57 @@ class LinearProbe(Probe):
         )
 
 
+@dataclass(frozen=True)
+class RestoreProbe(Probe):
+    """The base model's parameters copied into a copy of the unlearned model.
+
+    Not an attack an adversary could run (it needs the base model), but the reference study's
+    restoration on the audit's scale: restoring ``mlp.W_out`` (the value vectors) brings
+    little back when fine-tuning only changed how the knowledge is retrieved.
+
+    Attributes:
+        components: What to restore (names as :func:`unlearnlens.select_parameters` takes).
+    """
+
+    components: str | tuple[str, ...] = "mlp.W_out"
+
+    @property
+    def name(self) -> str:
+        """``restore_{components}`` with dots as underscores (``restore_w_out``)."""
+        comps = (self.components,) if isinstance(self.components, str) else self.components
+        if comps == ("mlp.W_out",):
+            return "restore_w_out"
+        return "restore_" + "+".join(c.replace(".", "_") for c in comps)
+
+    def describe(self, data: AuditData) -> str:
+        """The score's meaning."""
+        return f"forget {data.metric} with the base model's {self.components} in every layer"
+
+    def check(self, base: HookedTransformer, data: AuditData) -> None:
+        """The components must exist."""
+        from unlearnlens.components import select_parameters
+
+        select_parameters(base, None, self.components)
+
+    def run(
+        self, base: HookedTransformer, unlearned: HookedTransformer, data: AuditData
+    ) -> ProbeScore:
+        """Scores the restored copy."""
+        import copy
+
+        from unlearnlens.components import select_parameters
+
+        b, u = _gap(base, unlearned, data.forget, data)
+        memo = {id(unlearned.tokenizer): unlearned.tokenizer} if unlearned.tokenizer else {}
+        work = copy.deepcopy(unlearned, memo)
+        source = select_parameters(base, None, self.components)
+        with torch.no_grad():
+            for name, p in select_parameters(work, None, self.components).items():
+                p.copy_(source[name].to(p.device, p.dtype))
+        attacked = knowledge(work, data.forget, data.metric, data.batch_size)
+        return ProbeScore(b, u, attacked, details={"n_tensors": len(source)})
+
+
 def _first_logits(model: HookedTransformer, ps: PromptSet, batch_size: int | None) -> torch.Tensor:
     from unlearnlens._guard import preserved
     from unlearnlens.runner import default_batch_size, target_logits
@@ -547,3 +601,4 @@ _register("in_context", InContextProbe)
 _register("paraphrase", ParaphraseProbe)
 _register("linear_probe", LinearProbe, target="token")
 _register("linear_probe_pair", LinearProbe, target="pair")
+_register("restore_w_out", RestoreProbe)
