@@ -1,6 +1,7 @@
 """unlearnlens: has an unlearned language model forgotten, or does it only hide what it knows?"""
 
 from unlearnlens import metrics, toy, trainers
+from unlearnlens.audit import AuditResult, audit
 from unlearnlens.coefficients import (
     CoefficientStats,
     coefficient_positions,
@@ -36,6 +37,7 @@ from unlearnlens.errors import (
     NonFiniteModelError,
     PromptError,
     UnknownMethodError,
+    UnknownProbeError,
     UnlearnLensError,
     UnsupportedArchitectureError,
 )
@@ -80,6 +82,7 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "ArgumentOrderError",
     "ArgumentOrderWarning",
+    "AuditResult",
     "CheckpointError",
     "CoefficientComparison",
     "CoefficientStats",
@@ -112,11 +115,13 @@ __all__ = [
     "SuiteResult",
     "SweepResult",
     "UnknownMethodError",
+    "UnknownProbeError",
     "UnlearnLensError",
     "UnlearnRun",
     "UnlearningMethod",
     "UnsupportedArchitectureError",
     "attribution_patch",
+    "audit",
     "available_methods",
     "check_compatible",
     "coefficient_positions",

@@ -17,6 +17,10 @@
   [--format auto|hf|unlearnlens]`` unlearns with a registered method and saves the model as a
   Hugging Face checkpoint (:func:`unlearnlens.save_hf`) when it fits a supported class exactly,
   else with :func:`unlearnlens.save_model`.
+* ``unlearnlens audit --base DIR --unlearned NAME=DIR [...] (--forget FILE | --toy) --out
+  FILE.json`` runs :func:`unlearnlens.audit` (recovery attacks and memorisation metrics),
+  prints the table and saves the :class:`~unlearnlens.AuditResult`. ``--toy`` takes the
+  forget, retain, holdout, paraphrase and wrong-answer sets of the demo's toy world.
 
 A model directory is either one written by :func:`unlearnlens.save_model` (it holds
 ``unlearnlens_config.json``) or a Hugging Face checkpoint (``config.json`` + weights), loaded
@@ -437,6 +441,55 @@ def _unlearn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from unlearnlens.audit import audit, get_probe
+
+    probes = None
+    if args.probes is not None:
+        probes = [p.strip() for p in args.probes.split(",") if p.strip()]
+        for p in probes:
+            get_probe(p)  # an unknown probe fails before anything loads
+    if (args.forget is None) == (not args.toy):
+        raise ConfigError("give exactly one of --forget FILE and --toy")
+    paths = _parse_unlearned(args.unlearned)
+    if args.toy:
+        from unlearnlens.audit.toy import toy_audit_sets
+        from unlearnlens.toy import make_world
+
+        sets = toy_audit_sets(make_world(0))
+    else:
+        sets = {"forget": _pairs_file(args.forget, "--forget")}
+    for key in ("retain", "holdout", "paraphrases"):
+        path = getattr(args, key)
+        if path is not None:
+            sets[key] = _pairs_file(path, f"--{key}")
+    base = load_any(args.base, device=args.device, dtype=args.dtype)
+    models = {n: load_any(p, device=args.device, dtype=args.dtype) for n, p in paths.items()}
+    result = audit(
+        base,
+        models,
+        probes=probes,
+        metric=args.metric,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        **sets,
+    )
+    out = result.save(args.out)
+    frame = result.to_dataframe().drop(columns="metric")
+    print(frame.to_string(float_format=lambda v: f"{v:.3f}"))
+    if result.meta.get("skipped"):
+        print("skipped: " + ", ".join(f"{k} ({v})" for k, v in result.meta["skipped"].items()))
+    print(f"saved: {out}")
+    return 0
+
+
+def _pairs_file(path: str, flag: str) -> list[tuple[str, str]]:
+    data = read_train_file(path)
+    if not all(isinstance(x, tuple) for x in data):
+        raise ConfigError(f"{flag} {path} must hold a JSON list of [question, answer] pairs")
+    return data
+
+
 # ------------------------------------------------------------------------------ parser
 
 
@@ -447,7 +500,7 @@ def _parser() -> _Parser:
         "knows?",
     )
     sub = parser.add_subparsers(
-        dest="command", metavar="{demo,dissect,unlearn,suite}", parser_class=_Parser
+        dest="command", metavar="{demo,dissect,unlearn,suite,audit}", parser_class=_Parser
     )
 
     demo = sub.add_parser("demo", help="run the whole study on the embedded toy world")
@@ -526,6 +579,33 @@ def _parser() -> _Parser:
     from unlearnlens._cli_suite import add_suite_parser
 
     add_suite_parser(sub)
+
+    aud = sub.add_parser("audit", help="recovery attacks and memorisation metrics side by side")
+    aud.add_argument("--base", required=True, help="base model folder")
+    aud.add_argument(
+        "--unlearned", required=True, nargs="+", metavar="NAME=DIR", help="unlearned model folders"
+    )
+    aud.add_argument("--forget", help="JSON list of [question, answer] pairs to audit")
+    aud.add_argument(
+        "--toy",
+        action="store_true",
+        help="the demo's toy world sets (forget, retain, holdout, ...)",
+    )
+    aud.add_argument("--retain", help="JSON pairs: facts to keep (in-context shots, relearning)")
+    aud.add_argument("--holdout", help="JSON pairs neither model was trained on (membership AUCs)")
+    aud.add_argument("--paraphrases", help="JSON pairs: the forget facts asked in other words")
+    aud.add_argument("--probes", help="comma-separated probe names (default: all that can run)")
+    aud.add_argument(
+        "--metric",
+        default="accuracy",
+        choices=("accuracy", "answer_logprob", "answer_prob"),
+        help="how attack probes score knowledge (default accuracy)",
+    )
+    aud.add_argument("--out", required=True, help="JSON file for the AuditResult")
+    aud.add_argument("--device", help="cpu, cuda, ...")
+    aud.add_argument("--dtype", choices=_DTYPES, help="parameter dtype")
+    aud.add_argument("--batch-size", type=int, help="most prompts per forward pass")
+    aud.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
 
@@ -543,8 +623,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
-        run = {"demo": _demo, "dissect": _dissect, "unlearn": _unlearn, "suite": _suite}
-        run = run[args.command]
+        run = {
+            "demo": _demo,
+            "dissect": _dissect,
+            "unlearn": _unlearn,
+            "suite": _suite,
+            "audit": _audit,
+        }[args.command]
         return run(args)
     except SystemExit as e:  # --help
         return int(e.code or 0)

@@ -24,6 +24,7 @@ __all__ = [
     "NonFiniteModelError",
     "PromptError",
     "UnknownMethodError",
+    "UnknownProbeError",
     "UnlearnLensError",
     "UnsupportedArchitectureError",
 ]
@@ -107,3 +108,7 @@ class ArgumentOrderWarning(UserWarning):
 
 class DataFileError(FileFormatError):
     """A prompt data file (pairs, TOFU, WMDP) that is malformed; names the file and line."""
+
+
+class UnknownProbeError(UnlearnLensError, ValueError):
+    """An audit probe name that is not registered."""

@@ -187,6 +187,29 @@ def _table(frame: Any) -> str:
     return frame.to_html(float_format=lambda v: f"{v:.4g}", na_rep="–", border=0)
 
 
+def _audit_section(audit: Any, directory: Path) -> list[str]:
+    """The audit's table and its recovered-fraction figure."""
+    frame = audit.to_dataframe()
+    fig = _new_figure(8.0, 3.8)
+    audit.plot(ax=fig.subplots())
+    name = _save(fig, directory, "audit_recovered.png")
+    return [
+        "<h2>Is it really gone? Recovery attacks and memorisation metrics</h2>",
+        "<p>Every probe on the same forget prompts. Metric probes score the base and the "
+        "unlearned model (membership AUCs: 1 = the forget set looks trained on, 0.5 = "
+        "indistinguishable from the holdout set). Attack probes also score the attacked "
+        "unlearned model; recovered = (attacked - unlearned) / (base - unlearned) is the share "
+        "of the forgotten knowledge the attack brings back (0 = none, 1 = all).</p>",
+        _table(frame),
+        _figure(
+            name,
+            "Recovered fraction of the forget-set knowledge for each attack and unlearned "
+            "model. Bars near 1 mean the attack undoes the unlearning; bars near 0 mean the "
+            "knowledge stays hidden from that attack.",
+        ),
+    ]
+
+
 def write_report(study: StudyResult, directory: str | Path) -> Path:
     """Writes the study's HTML report, its figures and ``results.json`` into ``directory``.
 
@@ -308,6 +331,8 @@ def _write_into(study: StudyResult, directory: Path) -> None:
                 ),
                 _table(tables.top_by_logit.head(10)),
             ]
+    if study.audit is not None:
+        parts += _audit_section(study.audit, directory)
     parts += [
         "<h2>Data</h2>",
         '<p>Every number of this report is in <a href="results.json">results.json</a>; '

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from unlearnlens._checks import check_batch_size, check_int, check_model, check_window
 from unlearnlens._finite import check_finite
 from unlearnlens._guard import preserved
+from unlearnlens.audit.result import AuditResult
 from unlearnlens.errors import ComponentError, ConfigError, PromptError, UnlearnLensError
 from unlearnlens.prompts import PromptSet, as_promptset
 from unlearnlens.results import SweepResult, json_ready
@@ -153,6 +154,7 @@ def dissect(
     top_k: int = 20,
     batch_size: int | None = None,
     progress: bool = True,
+    audit: AuditResult | None = None,
 ) -> StudyResult:
     """Runs the whole unlearning study: behaviour, patching, restoration, coefficients, lens.
 
@@ -189,6 +191,8 @@ def dissect(
         top_k: Neurons listed by the coefficient comparison.
         batch_size: Most rows per forward pass.
         progress: Show progress bars.
+        audit: An :func:`unlearnlens.audit` of the same models, kept in the result and shown
+            in its report.
 
     Returns:
         A :class:`StudyResult`.
@@ -219,6 +223,8 @@ def dissect(
             f"{', '.join(needs_mlp)} (which read MLPs) cannot run; pass analyses= without them"
         )
     models = _unlearned_models(unlearned)
+    if audit is not None and not isinstance(audit, AuditResult):
+        raise ConfigError(f"audit must be an AuditResult (ul.audit), got {type(audit).__name__}")
     window = check_window(window)
     top_k = check_int(top_k, "top_k", minimum=1)
     max_new_tokens = check_int(max_new_tokens, "max_new_tokens", minimum=1)
@@ -332,4 +338,5 @@ def dissect(
         coefficients=coefficients,
         base_lens=base_lens,
         meta=json_ready(meta),
+        audit=audit,
     )

@@ -22,6 +22,7 @@ from unlearnlens._storage import (
     write_json,
     write_safetensors,
 )
+from unlearnlens.audit.result import AuditResult
 from unlearnlens.errors import FileFormatError, UnlearnLensError
 from unlearnlens.evaluation import Evaluation
 from unlearnlens.results import SweepResult
@@ -198,6 +199,8 @@ class StudyResult:
         base_lens: The base model's logit lens, or None.
         meta: The study's settings: methods, analyses, window, metric, prompt counts, model
             names. JSON values only.
+        audit: The recovery attacks and memorisation metrics (:func:`unlearnlens.audit`) of
+            the same models, when the study was given them.
     """
 
     sweeps: dict[str, dict[str, SweepResult]]
@@ -205,6 +208,7 @@ class StudyResult:
     coefficients: dict[str, CoefficientTables] = field(default_factory=dict)
     base_lens: SweepResult | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    audit: AuditResult | None = None
 
     @property
     def methods(self) -> list[str]:
@@ -261,6 +265,7 @@ class StudyResult:
                 for i, (m, res) in enumerate(self.sweeps.items())
             },
             "base_lens": None if self.base_lens is None else sweep(self.base_lens, "base_lens"),
+            "audit": None if self.audit is None else self.audit.to_json_dict(),
         }
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -289,6 +294,7 @@ class StudyResult:
             },
             base_lens=None if data["base_lens"] is None else sweep(data["base_lens"]),
             meta=_dec(data["meta"]),
+            audit=None if data.get("audit") is None else AuditResult.from_json_dict(data["audit"]),
         )
 
     @classmethod
@@ -396,6 +402,7 @@ class StudyResult:
             and list(self.coefficients) == list(other.coefficients)
             and self.coefficients == other.coefficients
             and self.base_lens == other.base_lens
+            and self.audit == other.audit
             and json.dumps(_enc(self.meta), sort_keys=True)
             == json.dumps(_enc(other.meta), sort_keys=True)
         )
