@@ -31,6 +31,7 @@ __all__ = [
     "read_json",
     "read_safetensors",
     "read_safetensors_metadata",
+    "remove_directory",
     "write_json",
     "write_safetensors",
     "write_text",
@@ -111,6 +112,15 @@ def _swap(directory: Path, new: Path, *, keep_others: bool) -> None:
         shutil.rmtree(aside, ignore_errors=True)
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def remove_directory(directory: str | os.PathLike[str]) -> None:
+    """Deletes a folder this package wrote and no longer needs (a superseded checkpoint).
+
+    Best effort: a folder that is already gone, or a file in it that cannot be removed, is
+    not an error, since what it held has been replaced by a complete newer copy.
+    """
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def check_writable(directory: str | os.PathLike[str], *, what: str = "output folder") -> Path:

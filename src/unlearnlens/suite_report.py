@@ -20,7 +20,7 @@ import html
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from unlearnlens._storage import atomic_file, write_text
+from unlearnlens._storage import atomic_directory, atomic_file, write_text
 from unlearnlens.study_result import SWEEPS
 
 if TYPE_CHECKING:
@@ -108,8 +108,13 @@ def write_suite_report(result: SuiteResult, directory: str | Path) -> Path:
     """
     import matplotlib  # noqa: F401  (fail early, with the package's own message)
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    final = Path(directory)
+    with atomic_directory(final, keep_others=True) as directory:
+        _write_into(result, directory)
+    return final / "index.html"
+
+
+def _write_into(result: SuiteResult, directory: Path) -> None:
     table = result.to_dataframe()
     curves = result.curves()
     write_text(directory / "scores.csv", table.to_csv(index=False))
@@ -155,4 +160,4 @@ def write_suite_report(result: SuiteResult, directory: str | Path) -> Path:
         parts.append("<p>No layer sweeps ran.</p>")
     parts.append("<p>Data: <a href='scores.csv'>scores.csv</a>, ")
     parts.append("<a href='curves.csv'>curves.csv</a>.</p></body></html>")
-    return write_text(directory / "index.html", "\n".join(parts))
+    write_text(directory / "index.html", "\n".join(parts))

@@ -141,7 +141,7 @@ def test_bad_input_fails_before_any_work(model, tmp_path):
         (ComponentError, "has no 'mlp.W_gate'", dict(params="mlp.W_gate")),
         (ComponentError, "empty", dict(params=[])),
         (ConfigError, "steps or epochs", dict(steps=3, epochs=1)),
-        (ConfigError, "lr must be > 0", dict(lr=-1.0)),
+        (ConfigError, "lr must be a positive number", dict(lr=-1.0)),
     ]
     for err, msg, kw in cases:
         with pytest.raises(err, match=msg):

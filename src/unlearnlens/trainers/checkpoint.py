@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from unlearnlens._storage import (
     atomic_directory,
     read_json,
     read_safetensors,
+    remove_directory,
     write_json,
     write_safetensors,
 )
@@ -129,7 +129,7 @@ def save_checkpoint(
     write_json(root / LATEST, {"folder": folder.name, "step": step})
     for old in root.glob("ckpt-*"):
         if old != folder and old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
+            remove_directory(old)
     return folder
 
 
