@@ -373,6 +373,8 @@ def _resolve_source(
             "load_hf expects a checkpoint directory, a hub id or a transformers.PreTrainedModel, "
             f"got {type(path_or_model).__name__}"
         )
+    if not str(path_or_model).strip():
+        raise CheckpointError(f"checkpoint path {str(path_or_model)!r} is empty")
     hub = hub_id(path_or_model)
     if hub is not None:
         try:
