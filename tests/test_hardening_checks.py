@@ -194,3 +194,18 @@ def test_every_refusal_is_a_library_error(pair):
     for bad in ([1.7], "13", True):
         with pytest.raises(UnlearnLensError):
             check_layers(base, bad)
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "word"),
+    [
+        ("npo", {"beta": math.nan}, "beta"),
+        ("npo", {"beta": "0.1"}, "beta"),
+        ("rmu", {"alpha": math.inf}, "alpha"),
+        ("grad_diff", {"retain_weight": math.nan}, "retain_weight"),
+    ],
+)
+def test_method_options_are_checked_against_their_types(pair, method, options, word, no_forward):
+    base, _ = pair
+    with pytest.raises(ConfigError, match=word):
+        ul.unlearn(base, PAIRS, method=method, steps=1, progress=False, **options)

@@ -24,6 +24,7 @@ __all__ = [
     "check_batch_size",
     "check_bool",
     "check_device",
+    "check_fields",
     "check_float",
     "check_has_mlp",
     "check_int",
@@ -263,6 +264,43 @@ def check_float(
     if maximum is not None and out > maximum:
         raise error(f"{name} must be <= {maximum}, got {out}")
     return out
+
+
+def check_fields(cls: type, values: Mapping[str, object], *, owner: str) -> None:
+    """Checks values for a config dataclass against its field types, before it is built.
+
+    A field annotated ``float`` takes a finite number, ``int`` an integer, ``bool`` a bool
+    (each optionally ``| None``); fields of other types are left to the class itself. This
+    is what keeps ``beta=float("nan")`` or ``alpha="3"`` out of every method's config,
+    including configs of methods users register.
+
+    Raises:
+        ConfigError: A value of the wrong type or a non-finite number; names the field.
+    """
+    import dataclasses
+    import typing
+
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation that cannot be resolved: not ours to judge
+        return
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    for name, value in values.items():
+        if name not in names or name not in hints:
+            continue
+        hint = hints[name]
+        args = set(typing.get_args(hint))
+        optional = type(None) in args
+        base = {a for a in args if a is not type(None)} if args else {hint}
+        if value is None and optional:
+            continue
+        label = f"{owner} option {name}"
+        if base == {float}:
+            check_float(value, label)
+        elif base == {int}:
+            check_int(value, label)
+        elif base == {bool}:
+            check_bool(value, label)
 
 
 def check_has_mlp(model: HookedTransformer, what: str) -> None:
