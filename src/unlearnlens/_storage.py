@@ -73,20 +73,64 @@ def atomic_directory(
             replace (a user's own files in a report folder). They are moved, not copied, into
             the new folder, and moved back if the swap fails.
     """
-    directory = Path(directory)
+    directory = Path(directory).expanduser().absolute()
     if directory.exists() and not directory.is_dir():
         raise FileFormatError(f"{str(directory)!r} exists and is not a folder")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    in_place = directory.exists() and _holds_cwd(directory)
+    where = directory if in_place else directory.parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=where))
     try:
         yield tmp
-        if directory.exists():
+        if in_place:
+            _swap_entries(directory, tmp)
+        elif directory.exists():
             _swap(directory, tmp, keep_others=keep_others)
         else:
             os.replace(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _holds_cwd(directory: Path) -> bool:
+    """Whether ``directory`` is the working directory or one of its ancestors.
+
+    Such a folder cannot be moved aside: the process would keep working in the moved copy.
+    """
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:
+        return False
+    target = directory.resolve()
+    return cwd == target or target in cwd.parents
+
+
+def _swap_entries(directory: Path, new: Path) -> None:
+    """Moves each entry of ``new`` into ``directory`` (which stays in place), or none of them.
+
+    Used for a folder that holds the working directory. Each replaced entry is moved aside
+    first and put back if a later move fails; other entries of ``directory`` are untouched.
+    """
+    aside = Path(tempfile.mkdtemp(prefix=".replaced.", suffix=".old", dir=directory))
+    done: list[tuple[str, bool]] = []
+    try:
+        for entry in sorted(os.listdir(new)):
+            had = os.path.lexists(directory / entry)
+            if had:
+                os.replace(directory / entry, aside / entry)
+            done.append((entry, had))
+            os.replace(new / entry, directory / entry)
+    except BaseException:
+        for entry, had in reversed(done):
+            if os.path.lexists(directory / entry) and not os.path.lexists(new / entry):
+                os.replace(directory / entry, new / entry)
+            if had:
+                os.replace(aside / entry, directory / entry)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    shutil.rmtree(new, ignore_errors=True)
 
 
 def _swap(directory: Path, new: Path, *, keep_others: bool) -> None:
