@@ -43,8 +43,14 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     The parent folder is created if missing. On any exception the temporary file is removed
     and ``path`` is left untouched.
+
+    Raises:
+        ConfigError: ``path`` is a folder, or its folder cannot be created or written.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{str(path)!r} is a folder; a file is to be written there")
+    check_writable(path.parent, what="folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -72,10 +78,12 @@ def atomic_directory(
         keep_others: Keep the entries of an existing ``directory`` that the new contents do not
             replace (a user's own files in a report folder). They are moved, not copied, into
             the new folder, and moved back if the swap fails.
+
+    Raises:
+        ConfigError: ``directory`` is a file, or cannot be created or written.
     """
     directory = Path(directory).expanduser().absolute()
-    if directory.exists() and not directory.is_dir():
-        raise FileFormatError(f"{str(directory)!r} exists and is not a folder")
+    check_writable(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     in_place = directory.exists() and _holds_cwd(directory)
     where = directory if in_place else directory.parent
