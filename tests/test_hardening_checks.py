@@ -58,6 +58,8 @@ def no_forward(monkeypatch):
         [np.float64(1)],
         [torch.tensor(1.0)],
         [torch.tensor(True)],
+        np.array(2.0),
+        np.bool_(True),
     ],
 )
 def test_non_integer_layers_are_refused(pair, layers, no_forward):
@@ -76,6 +78,7 @@ def test_non_integer_layers_are_refused(pair, layers, no_forward):
     ("layers", "expected"),
     [
         (np.int64(2), [2]),
+        (np.array(1), [1]),
         ([np.int32(0), -1], [0, 3]),
         (np.array([1, 3]), [1, 3]),
         (torch.tensor([2, 0]), [2, 0]),

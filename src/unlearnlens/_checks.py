@@ -65,11 +65,13 @@ _ALIASES = {
 
 
 def is_integer(value: object) -> bool:
-    """Python, numpy or 0-d torch integers; never ``bool`` (nor a numpy or torch bool)."""
+    """Python, numpy or 0-d numpy/torch integers; never ``bool`` (nor a numpy or torch bool)."""
     if isinstance(value, (bool, np.bool_)):
         return False
     if isinstance(value, (int, np.integer)):
         return True
+    if isinstance(value, np.ndarray):
+        return value.ndim == 0 and np.issubdtype(value.dtype, np.integer)
     return (
         isinstance(value, torch.Tensor)
         and value.ndim == 0
@@ -102,7 +104,12 @@ def check_layers(model: HookedTransformer, layers: object, *, what: str = "layer
             f"({type(layers).__name__})"
         )
     else:
-        items = list(layers)
+        try:
+            items = list(layers)
+        except TypeError:  # a 0-d array
+            raise LayerError(
+                f"{what}s must be an integer or a sequence of integers, got {layers!r}"
+            ) from None
     out: list[int] = []
     for layer in items:
         if not is_integer(layer):
