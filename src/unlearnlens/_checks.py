@@ -147,7 +147,9 @@ def window_layers(center: int, window: int, n_layers: int) -> list[int]:
     return list(range(max(0, center - half), min(n_layers, center + half + 1)))
 
 
-def resolve_hooks(model: HookedTransformer, hooks: str | Iterable[str]) -> list[str]:
+def resolve_hooks(
+    model: HookedTransformer, hooks: str | Iterable[str], *, what: str = "this model"
+) -> list[str]:
     """Block-relative hook names, checked against the model (short aliases accepted).
 
     ``"resid_pre"``, ``"hook_resid_pre"`` and ``"blocks.{l}.hook_resid_pre"``-style relative
@@ -176,7 +178,7 @@ def resolve_hooks(model: HookedTransformer, hooks: str | Iterable[str]) -> list[
         reason = _silent(model.cfg, rel)
         if reason is not None:
             raise HookError(
-                f"hook {name!r} exists on this model but never fires: {reason}; hooks that "
+                f"hook {name!r} exists on {what} but never fires: {reason}; hooks that "
                 f"fire: {', '.join(valid)}"
             )
         if rel not in out:
