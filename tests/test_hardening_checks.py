@@ -58,6 +58,8 @@ def no_forward(monkeypatch):
         [np.float64(1)],
         [torch.tensor(1.0)],
         [torch.tensor(True)],
+        np.array(2.0),
+        np.bool_(True),
     ],
 )
 def test_non_integer_layers_are_refused(pair, layers, no_forward):
@@ -76,6 +78,7 @@ def test_non_integer_layers_are_refused(pair, layers, no_forward):
     ("layers", "expected"),
     [
         (np.int64(2), [2]),
+        (np.array(1), [1]),
         ([np.int32(0), -1], [0, 3]),
         (np.array([1, 3]), [1, 3]),
         (torch.tensor([2, 0]), [2, 0]),
@@ -194,3 +197,18 @@ def test_every_refusal_is_a_library_error(pair):
     for bad in ([1.7], "13", True):
         with pytest.raises(UnlearnLensError):
             check_layers(base, bad)
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "word"),
+    [
+        ("npo", {"beta": math.nan}, "beta"),
+        ("npo", {"beta": "0.1"}, "beta"),
+        ("rmu", {"alpha": math.inf}, "alpha"),
+        ("grad_diff", {"retain_weight": math.nan}, "retain_weight"),
+    ],
+)
+def test_method_options_are_checked_against_their_types(pair, method, options, word, no_forward):
+    base, _ = pair
+    with pytest.raises(ConfigError, match=word):
+        ul.unlearn(base, PAIRS, method=method, steps=1, progress=False, **options)

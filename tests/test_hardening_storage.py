@@ -207,3 +207,50 @@ def test_every_write_in_the_package_goes_through_the_storage_module():
             if direct.search(line):
                 offenders.append(f"{rel}:{number}: {line.strip()}")
     assert offenders == []
+
+
+def test_saving_into_the_working_directory_swaps_files_in_place(two_studies, tmp_path, monkeypatch):
+    first, second = two_studies
+    folder = tmp_path / "here"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    (folder / "notes.txt").write_text("mine")
+    first.save(".")
+    before = _snapshot(folder)
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_text", _disk_full)
+        with pytest.raises(OSError):
+            second.save(".")
+    assert _snapshot(folder) == before
+    second.save(".")
+    assert Path.cwd() == folder and folder.is_dir()
+    assert StudyResult.load(folder) == second
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "notes.txt",
+        "study.json",
+        "study.safetensors",
+    ]
+
+
+def test_a_failed_in_place_swap_puts_every_old_file_back(two_studies, tmp_path, monkeypatch):
+    first, second = two_studies
+    folder = tmp_path / "here"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    first.save(".")
+    before = _snapshot(folder)
+    real = os.replace
+
+    def replace(src, dst):  # the second new file fails to move in, after the first did
+        if Path(dst) == folder / "study.safetensors" and ".tmp" in str(src):
+            raise OSError(errno.EIO, "I/O error")
+        return real(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(storage.os, "replace", replace)
+        with pytest.raises(OSError):
+            second.save(".")
+    assert _snapshot(folder) == before
+    assert StudyResult.load(folder) == first
+    assert sorted(p.name for p in folder.iterdir()) == ["study.json", "study.safetensors"]

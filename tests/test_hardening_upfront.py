@@ -92,8 +92,10 @@ def test_a_hook_that_never_fires_is_refused_and_works_once_switched_on(
         ul.attribution_patch(base, unlearned, PAIRS, hooks="attn.hook_result")
     monkeypatch.undo()
     b, u = copy.deepcopy(base), copy.deepcopy(unlearned)
-    b.set_use_attn_result(True)
     u.set_use_attn_result(True)
+    with pytest.raises(HookError, match="on the source model but never fires"):
+        ul.patch(b, u, PAIRS, hooks="attn.hook_result", progress=False)
+    b.set_use_attn_result(True)
     # hook_attn_out is the sum over heads of hook_result plus b_O, the same in both models'
     # patched runs up to b_O: patching all heads' results patches attn_out up to that bias
     u.blocks[0].attn.b_O.data.copy_(b.blocks[0].attn.b_O.data)

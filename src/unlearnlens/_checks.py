@@ -24,6 +24,7 @@ __all__ = [
     "check_batch_size",
     "check_bool",
     "check_device",
+    "check_fields",
     "check_float",
     "check_has_mlp",
     "check_int",
@@ -64,11 +65,13 @@ _ALIASES = {
 
 
 def is_integer(value: object) -> bool:
-    """Python, numpy or 0-d torch integers; never ``bool`` (nor a numpy or torch bool)."""
+    """Python, numpy or 0-d numpy/torch integers; never ``bool`` (nor a numpy or torch bool)."""
     if isinstance(value, (bool, np.bool_)):
         return False
     if isinstance(value, (int, np.integer)):
         return True
+    if isinstance(value, np.ndarray):
+        return value.ndim == 0 and np.issubdtype(value.dtype, np.integer)
     return (
         isinstance(value, torch.Tensor)
         and value.ndim == 0
@@ -101,7 +104,12 @@ def check_layers(model: HookedTransformer, layers: object, *, what: str = "layer
             f"({type(layers).__name__})"
         )
     else:
-        items = list(layers)
+        try:
+            items = list(layers)
+        except TypeError:  # a 0-d array
+            raise LayerError(
+                f"{what}s must be an integer or a sequence of integers, got {layers!r}"
+            ) from None
     out: list[int] = []
     for layer in items:
         if not is_integer(layer):
@@ -139,7 +147,9 @@ def window_layers(center: int, window: int, n_layers: int) -> list[int]:
     return list(range(max(0, center - half), min(n_layers, center + half + 1)))
 
 
-def resolve_hooks(model: HookedTransformer, hooks: str | Iterable[str]) -> list[str]:
+def resolve_hooks(
+    model: HookedTransformer, hooks: str | Iterable[str], *, what: str = "this model"
+) -> list[str]:
     """Block-relative hook names, checked against the model (short aliases accepted).
 
     ``"resid_pre"``, ``"hook_resid_pre"`` and ``"blocks.{l}.hook_resid_pre"``-style relative
@@ -168,7 +178,7 @@ def resolve_hooks(model: HookedTransformer, hooks: str | Iterable[str]) -> list[
         reason = _silent(model.cfg, rel)
         if reason is not None:
             raise HookError(
-                f"hook {name!r} exists on this model but never fires: {reason}; hooks that "
+                f"hook {name!r} exists on {what} but never fires: {reason}; hooks that "
                 f"fire: {', '.join(valid)}"
             )
         if rel not in out:
@@ -263,6 +273,43 @@ def check_float(
     if maximum is not None and out > maximum:
         raise error(f"{name} must be <= {maximum}, got {out}")
     return out
+
+
+def check_fields(cls: type, values: Mapping[str, object], *, owner: str) -> None:
+    """Checks values for a config dataclass against its field types, before it is built.
+
+    A field annotated ``float`` takes a finite number, ``int`` an integer, ``bool`` a bool
+    (each optionally ``| None``); fields of other types are left to the class itself. This
+    is what keeps ``beta=float("nan")`` or ``alpha="3"`` out of every method's config,
+    including configs of methods users register.
+
+    Raises:
+        ConfigError: A value of the wrong type or a non-finite number; names the field.
+    """
+    import dataclasses
+    import typing
+
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation that cannot be resolved: not ours to judge
+        return
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    for name, value in values.items():
+        if name not in names or name not in hints:
+            continue
+        hint = hints[name]
+        args = set(typing.get_args(hint))
+        optional = type(None) in args
+        base = {a for a in args if a is not type(None)} if args else {hint}
+        if value is None and optional:
+            continue
+        label = f"{owner} option {name}"
+        if base == {float}:
+            check_float(value, label)
+        elif base == {int}:
+            check_int(value, label)
+        elif base == {bool}:
+            check_bool(value, label)
 
 
 def check_has_mlp(model: HookedTransformer, what: str) -> None:

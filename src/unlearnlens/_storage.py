@@ -44,8 +44,14 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     The parent folder is created if missing. On any exception the temporary file is removed
     and ``path`` is left untouched.
+
+    Raises:
+        ConfigError: ``path`` is a folder, or its folder cannot be created or written.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{str(path)!r} is a folder; a file is to be written there")
+    check_writable(path.parent, what="folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -73,21 +79,67 @@ def atomic_directory(
         keep_others: Keep the entries of an existing ``directory`` that the new contents do not
             replace (a user's own files in a report folder). They are moved, not copied, into
             the new folder, and moved back if the swap fails.
+
+    Raises:
+        ConfigError: ``directory`` is a file, or cannot be created or written.
     """
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise FileFormatError(f"{str(directory)!r} exists and is not a folder")
+    directory = Path(directory).expanduser().absolute()
+    check_writable(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    in_place = directory.exists() and _holds_cwd(directory)
+    where = directory if in_place else directory.parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=where))
     try:
         yield tmp
-        if directory.exists():
+        if in_place:
+            _swap_entries(directory, tmp)
+        elif directory.exists():
             _swap(directory, tmp, keep_others=keep_others)
         else:
             os.replace(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _holds_cwd(directory: Path) -> bool:
+    """Whether ``directory`` is the working directory or one of its ancestors.
+
+    Such a folder cannot be moved aside: the process would keep working in the moved copy.
+    """
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:
+        return False
+    target = directory.resolve()
+    return cwd == target or target in cwd.parents
+
+
+def _swap_entries(directory: Path, new: Path) -> None:
+    """Moves each entry of ``new`` into ``directory`` (which stays in place), or none of them.
+
+    Used for a folder that holds the working directory. Each replaced entry is moved aside
+    first and put back if a later move fails; other entries of ``directory`` are untouched.
+    """
+    aside = Path(tempfile.mkdtemp(prefix=".replaced.", suffix=".old", dir=directory))
+    done: list[tuple[str, bool]] = []
+    try:
+        for entry in sorted(os.listdir(new)):
+            had = os.path.lexists(directory / entry)
+            if had:
+                os.replace(directory / entry, aside / entry)
+            done.append((entry, had))
+            os.replace(new / entry, directory / entry)
+    except BaseException:
+        for entry, had in reversed(done):
+            if os.path.lexists(directory / entry) and not os.path.lexists(new / entry):
+                os.replace(directory / entry, new / entry)
+            if had:
+                os.replace(aside / entry, directory / entry)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    shutil.rmtree(new, ignore_errors=True)
 
 
 def _swap(directory: Path, new: Path, *, keep_others: bool) -> None:

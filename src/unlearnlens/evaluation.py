@@ -425,6 +425,7 @@ def evaluate(
         except UnlearnLensError as e:
             raise type(e)(f"models {names[0]!r} and {name!r} cannot share one table: {e}") from e
     if reference is not None:
+        check_finite(reference, "reference model")
         try:
             check_compatible(reference, first)
         except UnlearnLensError as e:

@@ -298,7 +298,7 @@ def attribution_patch(
             f"positions must be one of {', '.join(repr(p) for p in _POSITIONS)}; got {positions!r}"
         )
     hook_names = resolve_hooks(target, hooks)
-    resolve_hooks(source, hooks)
+    resolve_hooks(source, hooks, what="the source model")
     layer_list = check_layers(target, layers)
     if metric == "accuracy":
         raise MetricError(

@@ -231,9 +231,14 @@ def load_model(
                 f"cannot read the tokenizer in {str(tok_dir)!r} (truncated or corrupt?): {exc}"
             ) from None
     padding_side = payload.get("padding_side") or "right"
-    model = HookedTransformer(
-        cfg, tokenizer=tokenizer, default_padding_side=padding_side if tokenizer else None
-    )
+    try:
+        model = HookedTransformer(
+            cfg, tokenizer=tokenizer, default_padding_side=padding_side if tokenizer else None
+        )
+    except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{str(config_path)!r} does not hold a valid model config: {type(exc).__name__}: {exc}"
+        ) from None
     for key, value in restore.items():
         setattr(model.cfg, key, value)
     try:
@@ -385,6 +390,8 @@ def _resolve_source(
             "load_hf expects a checkpoint directory, a hub id or a transformers.PreTrainedModel, "
             f"got {type(path_or_model).__name__}"
         )
+    if not str(path_or_model).strip():
+        raise CheckpointError(f"checkpoint path {str(path_or_model)!r} is empty")
     hub = hub_id(path_or_model)
     if hub is not None:
         try:

@@ -217,7 +217,7 @@ def patch(
     centres = check_layers(target, layers)
     window = check_window(window)
     batch_size = check_batch_size(batch_size)
-    resolve_hooks(source, hooks)
+    resolve_hooks(source, hooks, what="the source model")
     bound = resolve_metric(metric)
     ps = prepare(source, target, prompts, "patch", bound)
     n_layers = target.cfg.n_layers

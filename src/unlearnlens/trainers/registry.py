@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import TypeVar
 
+from unlearnlens._checks import check_fields
 from unlearnlens.errors import ConfigError, UnknownMethodError
 from unlearnlens.trainers.base import MethodConfig, UnlearningMethod
 
@@ -100,6 +101,7 @@ def build_method(name: str, method_args: dict[str, object]) -> UnlearningMethod:
             f"method {name!r} has no option(s) {extra}; its options are: "
             f"{', '.join(fields) or '(none)'}"
         )
+    check_fields(cls.config_class, method_args, owner=f"method {name!r}")
     try:
         config = cls.config_class(**method_args)
     except TypeError as e:
