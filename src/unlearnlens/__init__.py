@@ -1,6 +1,7 @@
 """unlearnlens: has an unlearned language model forgotten, or does it only hide what it knows?"""
 
 from unlearnlens import metrics, toy, trainers
+from unlearnlens._seed import seed_everything
 from unlearnlens.coefficients import (
     CoefficientStats,
     coefficient_positions,
@@ -127,6 +128,7 @@ __all__ = [
     "restore_sweep",
     "restored",
     "save_model",
+    "seed_everything",
     "select_parameters",
     "toy",
     "trainers",

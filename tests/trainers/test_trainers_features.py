@@ -111,10 +111,8 @@ def test_no_weight_decay_on_biases_and_norm_weights():
         assert groups[0.1] == matrices
         assert groups[0.0] == set(params) - matrices
         assert (
-            (any(".ln1." in n for n in groups[0.0])
-            and any(".b_" in n for n in groups[0.0]))
-            or (arch == "llama")
-        )
+            any(".ln1." in n for n in groups[0.0]) and any(".b_" in n for n in groups[0.0])
+        ) or (arch == "llama")
 
 
 def test_a_step_with_zero_gradients_decays_only_weight_matrices(monkeypatch):
