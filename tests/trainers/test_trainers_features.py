@@ -78,7 +78,7 @@ def test_grad_accumulation_equals_the_big_batch_gradient(monkeypatch):
     loss = -token_mean_nll(work, PAIRS) + 1.5 * token_mean_nll(work, RETAIN)  # w_r = 1.5
     loss.backward()
     assert_grads_close(seen[0], work)
-    assert run.history[1]["loss"] == pytest.approx(float(loss), rel=1e-6)
+    assert run.history[1]["loss"] == pytest.approx(loss.item(), rel=1e-6)
     assert run.history[1]["grad_norm"] == pytest.approx(
         float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in work.parameters()]))),
         rel=1e-5,
