@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import TypeVar
 
+from unlearnlens._checks import check_float, check_int
 from unlearnlens.errors import ConfigError, UnknownMethodError
 from unlearnlens.trainers.base import MethodConfig, UnlearningMethod
 
@@ -100,8 +101,36 @@ def build_method(name: str, method_args: dict[str, object]) -> UnlearningMethod:
             f"method {name!r} has no option(s) {extra}; its options are: "
             f"{', '.join(fields) or '(none)'}"
         )
+    for key, value in method_args.items():
+        _check_number(name, key, _FIELD_TYPES.get(_type_name(cls.config_class, key)), value)
     try:
         config = cls.config_class(**method_args)
     except TypeError as e:
         raise ConfigError(f"bad options for method {name!r}: {e}") from e
     return cls(config)
+
+
+_FIELD_TYPES = {
+    "float": ("float", False),
+    "float | None": ("float", True),
+    "int": ("int", False),
+    "int | None": ("int", True),
+}
+
+
+def _type_name(config_class: type, key: str) -> str:
+    for f in dataclasses.fields(config_class):
+        if f.name == key:
+            return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    return ""
+
+
+def _check_number(method: str, key: str, kind: tuple[str, bool] | None, value: object) -> None:
+    """Numeric options are real, finite numbers of their declared kind (never coerced)."""
+    if kind is None or (kind[1] and value is None):
+        return
+    what = f"{key} (an option of method {method!r})"
+    if kind[0] == "int":
+        check_int(value, what)
+    else:
+        check_float(value, what)
