@@ -290,3 +290,33 @@ def test_deterministic_runs_are_bit_identical_with_two_threads():
     finally:
         torch.set_num_threads(threads)
         unregister("test_noisy")
+
+
+def test_bf16_resume_is_bit_identical_with_its_masters(tmp_path):
+    """The checkpoint keeps the float32 masters, not the rounded bf16 weights: a resumed
+    bf16 run ends with the same weights and masters as an uninterrupted one."""
+    stop = {"at": None}
+
+    class Interruptible(UnlearningMethod):
+        def loss(self, model, batch):
+            if batch.step == stop["at"]:
+                raise KeyboardInterrupt
+            return MethodLoss(-forget_nll(model, batch))
+
+    register_method("test_interruptible_ga")(Interruptible)
+    try:
+        model = build_model("llama", seed=24, dtype=torch.bfloat16)
+        kw = dict(
+            method="test_interruptible_ga", steps=4, lr=1e-4, batch_size=2, checkpoint_every=2
+        )
+        full = unlearn(model, PAIRS, checkpoint_dir=tmp_path / "a", **kw, **FAST)
+        stop["at"] = 3
+        with pytest.raises(KeyboardInterrupt):
+            unlearn(model, PAIRS, checkpoint_dir=tmp_path / "b", **kw, **FAST)
+        stop["at"] = None
+        resumed = unlearn(model, PAIRS, checkpoint_dir=tmp_path / "b", **kw, **FAST)
+        assert same(weights(full.model), weights(resumed.model))
+        assert same(full.master_weights, resumed.master_weights)
+        assert full.history == resumed.history
+    finally:
+        unregister("test_interruptible_ga")
