@@ -1,6 +1,7 @@
 """unlearnlens: has an unlearned language model forgotten, or does it only hide what it knows?"""
 
 from unlearnlens import metrics, toy, trainers
+from unlearnlens._seed import seed_everything
 from unlearnlens.audit import AuditResult, audit
 from unlearnlens.coefficients import (
     CoefficientStats,
@@ -156,6 +157,7 @@ __all__ = [
     "save_hf",
     "save_model",
     "score",
+    "seed_everything",
     "select_parameters",
     "toy",
     "trainers",

@@ -78,7 +78,7 @@ def test_grad_accumulation_equals_the_big_batch_gradient(monkeypatch):
     loss = -token_mean_nll(work, PAIRS) + 1.5 * token_mean_nll(work, RETAIN)  # w_r = 1.5
     loss.backward()
     assert_grads_close(seen[0], work)
-    assert run.history[1]["loss"] == pytest.approx(float(loss), rel=1e-6)
+    assert run.history[1]["loss"] == pytest.approx(loss.item(), rel=1e-6)
     assert run.history[1]["grad_norm"] == pytest.approx(
         float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in work.parameters()]))),
         rel=1e-5,
@@ -285,3 +285,19 @@ def test_checkpoint_dir_that_is_a_file(tmp_path):
     f.write_text("x")
     with pytest.raises(ConfigError, match="checkpoint_dir"):
         unlearn(model, PAIRS, method="ga", checkpoint_dir=f, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        (dict(method="npo", beta=float("nan")), "beta"),
+        (dict(method="npo", beta=math.inf), "beta"),
+        (dict(method="grad_diff", retain=RETAIN, retain_weight=float("nan")), "retain_weight"),
+        (dict(method="rmu", retain=RETAIN, steering_coef=math.inf), "steering_coef"),
+        (dict(method="rmu", retain=RETAIN, layer=True), "layer"),
+    ],
+)
+def test_method_options_are_finite_numbers(kw, field):
+    model = build_model("gpt2", seed=1)
+    with pytest.raises(ConfigError, match=f"{field}.*an option of method"):
+        unlearn(model, PAIRS, **kw)

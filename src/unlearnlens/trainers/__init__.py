@@ -9,6 +9,10 @@ tuned on the toy world's base model (6 layers, width 128) with the whole forget 
 batch: ga 5e-4 / 50, grad_diff 5e-4 / 30, npo, npo_kl, npo_rt, simnpo, dpo, dpo_retain and idk
 3e-4 / 30, rmu 1e-2 / 30 (alpha 10, c = 5 x the mean activation norm). For 7B models, 1e-5 to
 5e-5 is the usual range.
+
+bfloat16/float16 parameters train through float32 master copies (:mod:`.optim`); the loop,
+its defaults (weight decay groups, schedules, accumulation, EOS after refusals, checkpoints,
+determinism) and its differences from open-unlearning are described in ``docs/training.md``.
 """
 
 from unlearnlens.components import ParamSelection, resolve_params, select_parameters

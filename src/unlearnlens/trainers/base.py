@@ -15,6 +15,12 @@ A method is a small class::
 
 The shared loop (:func:`~unlearnlens.unlearn`) draws batches, calls :meth:`loss`, and takes
 care of the optimizer, clipping, guards, evaluation and checkpoints.
+
+With gradient accumulation, :meth:`loss` sees micro-batches and the loop weights each one's
+loss by :attr:`Batch.share`, its fraction of the step's forget examples: a mean over the
+batch's examples is then exact as written. For a mean over tokens, divide the token sum by
+``batch.denominator(lambda b: <token count of b>)`` (as :func:`~.losses.forget_nll` does), so
+that the micro-batches add up to the whole step's mean.
 """
 
 from __future__ import annotations

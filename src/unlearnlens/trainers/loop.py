@@ -190,8 +190,14 @@ def _step(
         opt.zero_grad()
         what = "loss" if not math.isfinite(loss) else "gradient norm"
         raise _non_finite(name, what, step, f"loss={loss}, grad_norm={grad_norm}", cfg, model)
-    opt.step(lr)
-    if not opt.update_is_finite():
+    try:
+        opt.step(lr)
+        finite = opt.update_is_finite()
+    except RuntimeError as exc:  # AdamW's step size itself overflows float32 (lr ~ 1e38)
+        if "overflow" not in str(exc):
+            raise
+        finite = False
+    if not finite:
         opt.zero_grad()
         raise _non_finite(
             name, "weight update", step, f"lr={lr:g} overflows the {model.cfg.dtype}", cfg, model
