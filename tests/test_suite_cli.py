@@ -75,3 +75,15 @@ def test_quick_demo_runs_a_suite_over_its_own_models(tmp_path, monkeypatch, caps
     for method in study.methods:  # the first case is the demo's own models
         sweep = suite.study(first, method).sweeps[method]["patch_mlp"]
         assert sweep == study.sweeps[method]["patch_mlp"]
+
+
+def test_changed_settings_rerun_a_finished_study(tmp_path):
+    base = _saved(tmp_path)
+    case = ul.SuiteCase("one", PAIRS, {"a": tmp_path / "u1"}, base=tmp_path / "base")
+    first = ul.run_suite([case], out=tmp_path / "s", analyses="patch_mlp", window=1)
+    with pytest.warns(UserWarning, match="other data, models or settings"):
+        second = ul.run_suite([case], out=tmp_path / "s", analyses="patch_mlp", window=3)
+    u1 = ul.load_model(tmp_path / "u1")
+    expected = patch_mlp_coefficients(base, u1, PAIRS, window=3, progress=False)
+    assert second.study("one", "a").sweeps["a"]["patch_mlp"] == expected
+    assert first != second
