@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import unlearnlens as ul
 from conftest import PAIRS, build_model, perturbed
 from unlearnlens.cli import main
@@ -55,3 +57,33 @@ def test_suite_command_on_a_cases_file(tmp_path, capsys):
     expected = patch_mlp_coefficients(base, u2, PAIRS, progress=False)
     assert result.study("two", "b").sweeps["b"]["patch_mlp"] == expected
     assert (tmp_path / "s" / "report" / "index.html").is_file()
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_a_suite_over_its_own_models(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("UNLEARNLENS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    args = ["demo", "--quick", "--suite-concepts", "2", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.strip().splitlines()[-1] == f"report: {out / 'index.html'}"
+    assert f"suite report: {out / 'suite' / 'report' / 'index.html'}" in printed
+    study = ul.StudyResult.load(out)
+    suite = ul.SuiteResult.load(out / "suite")
+    assert len(suite.concepts) == 2 and suite.methods == study.methods
+    first = suite.concepts[0]
+    for method in study.methods:  # the first case is the demo's own models
+        sweep = suite.study(first, method).sweeps[method]["patch_mlp"]
+        assert sweep == study.sweeps[method]["patch_mlp"]
+
+
+def test_changed_settings_rerun_a_finished_study(tmp_path):
+    base = _saved(tmp_path)
+    case = ul.SuiteCase("one", PAIRS, {"a": tmp_path / "u1"}, base=tmp_path / "base")
+    first = ul.run_suite([case], out=tmp_path / "s", analyses="patch_mlp", window=1)
+    with pytest.warns(UserWarning, match="other data, models or settings"):
+        second = ul.run_suite([case], out=tmp_path / "s", analyses="patch_mlp", window=3)
+    u1 = ul.load_model(tmp_path / "u1")
+    expected = patch_mlp_coefficients(base, u1, PAIRS, window=3, progress=False)
+    assert second.study("one", "a").sweeps["a"]["patch_mlp"] == expected
+    assert first != second

@@ -125,7 +125,8 @@ def _file_cases(args: argparse.Namespace) -> list[Any]:
     return cases
 
 
-def _print_curves(result: Any) -> None:
+def print_curves(result: Any) -> None:
+    """Prints each method's and sweep's peak mean score over concepts, with its interval."""
     curves = result.curves()
     if curves.empty:
         return
@@ -174,7 +175,7 @@ def run_suite_command(args: argparse.Namespace) -> int:
         if executor is not None:
             executor.shutdown()
     index = result.report(Path(args.out) / "report")
-    _print_curves(result)
+    print_curves(result)
     total = sum(s for per in result.seconds.values() for s in per.values())
     n = sum(len(per) for per in result.seconds.values())
     if n:

@@ -207,6 +207,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     check_int(args.threads, "--threads", minimum=1)
     check_writable(args.out, what="--out")
+    if args.suite_concepts is None:
+        args.suite_concepts = 0 if args.quick else 2
+    check_int(args.suite_concepts, "--suite-concepts", minimum=0)
     # The toy models are small (width 128): extra intra-op threads barely speed them up, and on
     # a busy machine they slow every small operation down many times over.
     threads = torch.get_num_threads()
@@ -273,8 +276,52 @@ def _run_demo(args: argparse.Namespace) -> int:
         progress=progress,
     )
     index = study.report(args.out)
+    if args.suite_concepts:
+        _demo_suite(args, world, base, models, steps, window, progress)
     _print_study(study, index, started)
     return 0
+
+
+def _demo_suite(
+    args: argparse.Namespace,
+    world: Any,
+    base: HookedTransformer,
+    models: dict[str, HookedTransformer],
+    steps: int | None,
+    window: int,
+    progress: bool,
+) -> None:
+    """The demo's suite: its own unlearned models for the forget concept, plus more concepts.
+
+    The first case reuses the models the demo just dissected; every further concept is
+    unlearned by the suite with the same methods (see :func:`unlearnlens.toy.toy_suite`).
+    """
+    import dataclasses
+
+    from unlearnlens._cli_suite import print_curves
+    from unlearnlens.suite import run_suite
+    from unlearnlens.toy import toy_suite
+
+    cases = toy_suite(
+        world,
+        base,
+        n_concepts=args.suite_concepts,
+        methods=list(models),
+        options={} if steps is None else {"steps": steps},
+    )
+    cases[0] = dataclasses.replace(cases[0], unlearned=dict(models))
+    print(f"suite: {len(cases)} concepts x {len(models)} methods ...", file=sys.stderr)
+    suite = run_suite(
+        cases,
+        out=Path(args.out) / "suite",
+        analyses=("patch_mlp", "patch_attn", "patch_mlp_attn", "restore_w_out"),
+        window=window,
+        progress=progress,
+    )
+    suite_index = suite.report(Path(args.out) / "suite" / "report")
+    print()
+    print_curves(suite)
+    print(f"suite report: {suite_index}")
 
 
 def _dissect(args: argparse.Namespace) -> int:
@@ -510,6 +557,12 @@ def _parser() -> _Parser:
     )
     demo.add_argument(
         "--threads", type=int, default=1, help="torch threads for the toy models (default 1)"
+    )
+    demo.add_argument(
+        "--suite-concepts",
+        type=int,
+        help="concepts in the demo's suite (the forget concept first; 0: no suite; default 2, "
+        "with --quick 0)",
     )
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

@@ -447,10 +447,13 @@ def run_suite(
     shown = progress_enabled(progress)
     with bar(total=len(jobs), desc="suite", unit="case", progress=shown) as pbar:
         if executor is None:
-            for job in jobs:
-                pbar.set_postfix_str(job.case.concept)
-                _run_case(job)
-                pbar.update(1)
+            try:
+                for job in jobs:
+                    pbar.set_postfix_str(job.case.concept)
+                    _run_case(job)
+                    pbar.update(1)
+            finally:  # in-process, the caller's memory: keep no base model around
+                _BASE_CACHE.clear()
         else:
             futures = [executor.submit(_run_case, job) for job in jobs]
             for future in futures:

@@ -42,7 +42,7 @@ figure img { max-width: 100%; border: 1px solid #eee; } figcaption { font-size: 
 def _save(fig: Figure, path: Path) -> str:
     fig.tight_layout()
     with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+        fig.savefig(tmp, dpi=90, format="png")
     return path.name
 
 
