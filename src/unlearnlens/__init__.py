@@ -1,6 +1,7 @@
 """unlearnlens: has an unlearned language model forgotten, or does it only hide what it knows?"""
 
 from unlearnlens import metrics, toy, trainers
+from unlearnlens._progress import set_progress
 from unlearnlens.coefficients import (
     CoefficientStats,
     coefficient_positions,
@@ -134,6 +135,7 @@ __all__ = [
     "save_model",
     "score",
     "select_parameters",
+    "set_progress",
     "toy",
     "trainers",
     "unlearn",

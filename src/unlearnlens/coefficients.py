@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from unlearnlens._checks import check_layers
 from unlearnlens._guard import preserved
+from unlearnlens._progress import bar
 from unlearnlens.errors import ConfigError, PromptError
 from unlearnlens.prompts import Prompts, PromptSet, as_promptset
 
@@ -154,13 +154,13 @@ def capture(
 
 
 def prompt_batches(
-    prompts: PromptSet, batch_size: int | None, progress: bool, desc: str
+    prompts: PromptSet, batch_size: int | None, progress: bool | None, desc: str
 ) -> Iterator[tuple[slice, PromptSet]]:
     if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
         raise ConfigError(f"batch_size must be a positive integer or None, got {batch_size!r}")
     size = len(prompts) if batch_size is None else batch_size
     chunks = list(prompts.batches(size))
-    yield from tqdm(chunks, desc=desc, disable=not progress or len(chunks) < 2)
+    yield from bar(chunks, progress=False if len(chunks) < 2 else progress, desc=desc)
 
 
 def hook_post_name(layer: int) -> str:
@@ -194,7 +194,7 @@ def mlp_coefficients(
     layers: int | Sequence[int] | None = None,
     positions: CoefficientPositions | str = "answer",
     batch_size: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> Float[Tensor, "layer batch pos d_mlp"]:
     """The MLP coefficients (``blocks.{l}.mlp.hook_post``) at the chosen positions.
 
@@ -210,7 +210,8 @@ def mlp_coefficients(
             ``"last"``; see :func:`coefficient_positions`, which also returns the
             ``[batch, pos]`` mask of real slots.
         batch_size: Prompts per forward pass; all at once by default.
-        progress: Show a progress bar over batches.
+        progress: Show a progress bar over batches (``None``: the library-wide
+            setting, :func:`unlearnlens.set_progress`).
 
     Returns:
         ``[layer, batch, pos, d_mlp]`` coefficients in the model's dtype, on its device; slots
@@ -270,7 +271,7 @@ def mlp_coefficient_stats(
     layers: int | Sequence[int] | None = None,
     positions: CoefficientPositions | str = "answer",
     batch_size: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> CoefficientStats:
     """Streaming moments of the MLP coefficients, without holding them all.
 
@@ -285,7 +286,8 @@ def mlp_coefficient_stats(
         positions: ``"answer"`` (target positions, the default), ``"prompt"``, ``"all"`` or
             ``"last"`` (see :func:`coefficient_positions`).
         batch_size: Prompts per forward pass; all at once by default.
-        progress: Show a progress bar over batches.
+        progress: Show a progress bar over batches (``None``: the library-wide
+            setting, :func:`unlearnlens.set_progress`).
 
     Returns:
         A :class:`CoefficientStats` of float32 ``[layer, d_mlp]`` moments on the CPU.

@@ -118,7 +118,7 @@ def neuron_logit_contributions(
     *,
     layers: int | Sequence[int] | None = None,
     batch_size: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> Float[Tensor, "layer batch answer d_mlp"]:
     """Each neuron's direct contribution to the answer token's logit at each target position.
 
@@ -132,7 +132,8 @@ def neuron_logit_contributions(
         prompts: A PromptSet or ``(prompt, answer)`` pairs.
         layers: Layers to read; all by default.
         batch_size: Prompts per forward pass; all at once by default.
-        progress: Show a progress bar over batches.
+        progress: Show a progress bar over batches (``None``: the library-wide
+            setting, :func:`unlearnlens.set_progress`).
 
     Returns:
         ``[layer, batch, answer, d_mlp]`` float32 contributions on the model's device, zero at
@@ -356,7 +357,7 @@ def compare_coefficients(
     layers: int | Sequence[int] | None = None,
     top_k: int = 20,
     batch_size: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> CoefficientComparison:
     """Compares two models' MLP coefficients on the same prompts, neuron by neuron.
 
@@ -376,7 +377,8 @@ def compare_coefficients(
         layers: Layers to compare; all by default.
         top_k: How many neurons each ranking lists.
         batch_size: Prompts per forward pass (per model); all at once by default.
-        progress: Show a progress bar over batches.
+        progress: Show a progress bar over batches (``None``: the library-wide
+            setting, :func:`unlearnlens.set_progress`).
 
     Raises:
         IncompatibleModelsError: The models differ in architecture (e.g. ``d_mlp``) or
