@@ -256,11 +256,14 @@ def test_compare_coefficients_against_hand_computation(model_pair):
     assert list(frame["layer"]) == list(range(n_layers))
     assert frame["logit_effect"].tolist() == pytest.approx(result.logit_effect.tolist())
     assert len(result.neurons_dataframe("coefficient")) == 7
-    fig = result.plot()
-    assert len(fig.axes) == 3
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    panels = result.plot()
+    assert len(panels) == 3 and len(panels[0].figure.axes) == 3
+    _, own = plt.subplots(1, 3)
+    assert tuple(result.plot(ax=own)) == tuple(own)
+    assert list(own[1].get_lines()[0].get_ydata()) == pytest.approx(result.cosine.tolist())
+    plt.close("all")
 
 
 def test_planted_coefficient_change_is_the_top_neuron(arch):

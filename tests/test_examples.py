@@ -4,8 +4,9 @@ Each notebook is executed with nbclient in a fresh ``python3`` kernel running th
 interpreter, in a temporary working directory (nothing is written into the repository), with
 ``HF_HUB_OFFLINE=1``. The notebooks share the toy base model through the default toy cache:
 the fixture below trains it once (if it is not cached yet) and every notebook loads it.
-The quickstart runs by default; the other two are marked ``slow`` (``pytest -m slow
-tests/test_examples.py``). The check that every notebook is committed clean always runs.
+The quickstart and the custom restoration study run by default; the custom method is marked
+``slow`` (``pytest -m slow tests/test_examples.py``). The check that every notebook is
+committed clean always runs.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ NOTEBOOKS = ("quickstart.ipynb", "custom_restoration.ipynb", "custom_method.ipyn
 CELL_TIMEOUT_S = 300
 _RUNS = [
     "quickstart.ipynb",
-    # About 15 s each: together with the quickstart they would make this file too slow for the
+    "custom_restoration.ipynb",
+    # About 15 s: together with the other two it would make this file too slow for the
     # default run.
-    pytest.param("custom_restoration.ipynb", marks=pytest.mark.slow),
     pytest.param("custom_method.ipynb", marks=pytest.mark.slow),
 ]
 

@@ -106,3 +106,29 @@ def test_score_leaves_the_models_as_they_were(pair):
         inside = {k: v.clone() for k, v in unlearned.state_dict().items()}
         ul.score(base, unlearned, PAIRS)
         assert all(torch.equal(v, inside[k]) for k, v in unlearned.state_dict().items())
+
+
+def test_an_interrupt_while_the_originals_are_back_leaves_the_restoration_in_place(
+    pair, monkeypatch
+):
+    import unlearnlens.scoring as scoring
+
+    base, unlearned = pair
+    own = {k: v.clone() for k, v in unlearned.state_dict().items()}
+    real = scoring.target_logits
+    calls = []
+
+    def interrupted(model, chunk):
+        calls.append(model)
+        if len(calls) == 3:  # base, unlearned as now, then the originals' pass
+            raise KeyboardInterrupt
+        return real(model, chunk)
+
+    monkeypatch.setattr(scoring, "target_logits", interrupted)
+    with ul.restored(base, unlearned, layers=[3], components="mlp"):
+        inside = {k: v.clone() for k, v in unlearned.state_dict().items()}
+        with pytest.raises(KeyboardInterrupt):
+            ul.score(base, unlearned, PAIRS)
+        assert all(torch.equal(v, inside[k]) for k, v in unlearned.state_dict().items())
+        assert torch.equal(unlearned.blocks[3].mlp.W_out, base.blocks[3].mlp.W_out)
+    assert all(torch.equal(v, own[k]) for k, v in unlearned.state_dict().items())

@@ -1,6 +1,7 @@
 """unlearnlens: has an unlearned language model forgotten, or does it only hide what it knows?"""
 
 from unlearnlens import metrics, toy, trainers
+from unlearnlens._progress import set_progress
 from unlearnlens._seed import seed_everything
 from unlearnlens.audit import AuditResult, audit
 from unlearnlens.coefficients import (
@@ -159,6 +160,7 @@ __all__ = [
     "score",
     "seed_everything",
     "select_parameters",
+    "set_progress",
     "toy",
     "trainers",
     "unlearn",

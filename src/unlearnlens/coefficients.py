@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from unlearnlens import _offload
 from unlearnlens._checks import check_batch_size, check_has_mlp, check_layers
 from unlearnlens._finite import check_finite
 from unlearnlens._guard import preserved
+from unlearnlens._progress import bar
 from unlearnlens.errors import PromptError
 from unlearnlens.prompts import Prompts, PromptSet, as_promptset
 
@@ -159,12 +159,12 @@ def capture(
 
 
 def prompt_batches(
-    prompts: PromptSet, batch_size: int | None, progress: bool, desc: str
+    prompts: PromptSet, batch_size: int | None, progress: bool | None, desc: str
 ) -> Iterator[tuple[slice, PromptSet]]:
     batch_size = check_batch_size(batch_size)
     size = len(prompts) if batch_size is None else batch_size
     chunks = list(prompts.batches(size))
-    yield from tqdm(chunks, desc=desc, disable=not progress or len(chunks) < 2)
+    yield from bar(chunks, progress=False if len(chunks) < 2 else progress, desc=desc)
 
 
 def hook_post_name(layer: int) -> str:
@@ -208,7 +208,7 @@ def mlp_coefficients(
     layers: int | Sequence[int] | None = None,
     positions: CoefficientPositions | str = "answer",
     batch_size: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     device: str | torch.device | None = None,
 ) -> Float[Tensor, "layer batch pos d_mlp"]:
     """The MLP coefficients (``blocks.{l}.mlp.hook_post``) at the chosen positions.
@@ -225,7 +225,8 @@ def mlp_coefficients(
             ``"last"``; see :func:`coefficient_positions`, which also returns the
             ``[batch, pos]`` mask of real slots.
         batch_size: Prompts per forward pass; all at once by default.
-        progress: Show a progress bar over batches.
+        progress: Show a progress bar over batches (``None``: the library-wide
+            setting, :func:`unlearnlens.set_progress`).
         device: Where to run the model; its own device by default. A model that lives
             elsewhere (a base model kept on the CPU) runs there block by block, one block's
             weights copied at a time, and gives the same numbers.
@@ -298,7 +299,7 @@ def mlp_coefficient_stats(
     layers: int | Sequence[int] | None = None,
     positions: CoefficientPositions | str = "answer",
     batch_size: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     device: str | torch.device | None = None,
 ) -> CoefficientStats:
     """Streaming moments of the MLP coefficients, without holding them all.
@@ -314,7 +315,8 @@ def mlp_coefficient_stats(
         positions: ``"answer"`` (target positions, the default), ``"prompt"``, ``"all"`` or
             ``"last"`` (see :func:`coefficient_positions`).
         batch_size: Prompts per forward pass; all at once by default.
-        progress: Show a progress bar over batches.
+        progress: Show a progress bar over batches (``None``: the library-wide
+            setting, :func:`unlearnlens.set_progress`).
         device: Where to run the model, as in :func:`mlp_coefficients`.
 
     Returns:

@@ -42,7 +42,7 @@ from unlearnlens.prompts import Prompts, as_promptset
 
 if TYPE_CHECKING:
     import pandas as pd
-    from matplotlib.figure import Figure
+    from matplotlib.axes import Axes
     from transformer_lens import HookedTransformer
 
 __all__ = [
@@ -133,7 +133,7 @@ def neuron_logit_contributions(
     *,
     layers: int | Sequence[int] | None = None,
     batch_size: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> Float[Tensor, "layer batch answer d_mlp"]:
     """Each neuron's direct contribution to the answer token's logit at each target position.
 
@@ -147,7 +147,8 @@ def neuron_logit_contributions(
         prompts: A PromptSet or ``(prompt, answer)`` pairs.
         layers: Layers to read; all by default.
         batch_size: Prompts per forward pass; all at once by default.
-        progress: Show a progress bar over batches.
+        progress: Show a progress bar over batches (``None``: the library-wide
+            setting, :func:`unlearnlens.set_progress`).
 
     Returns:
         ``[layer, batch, answer, d_mlp]`` float32 contributions on the model's device, zero at
@@ -321,11 +322,25 @@ class CoefficientComparison:
         rows = self.top_by_logit if by == "logit" else self.top_by_coefficient
         return pd.DataFrame([vars(r) for r in rows], columns=list(NeuronChange.__annotations__))
 
-    def plot(self) -> Figure:
-        """Three panels over layers: coefficient shift, cosine, and shares of the logit change."""
+    def plot(self, ax: Sequence[Axes] | None = None) -> tuple[Axes, Axes, Axes]:
+        """Three panels over layers: coefficient shift, cosine, and shares of the logit change.
+
+        Args:
+            ax: Three matplotlib Axes to draw on (a new 1 x 3 figure by default).
+
+        Returns:
+            The three Axes.
+        """
         import matplotlib.pyplot as plt
 
-        fig, (ax0, ax1, ax2) = plt.subplots(1, 3, figsize=(13, 3.5))
+        if ax is None:
+            _, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+            ax0, ax1, ax2 = axes
+        else:
+            panels = list(ax)
+            if len(panels) != 3:
+                raise ConfigError(f"plot(ax=...) takes three Axes, got {len(panels)}")
+            ax0, ax1, ax2 = panels
         x = list(self.layers)
         ax0.plot(x, self.relative_shift.numpy(), marker="o", label="||Δc|| / ||c_base||")
         ax0.plot(x, self.mean_abs_delta.numpy(), marker="s", label="mean |Δc|")
@@ -347,8 +362,9 @@ class CoefficientComparison:
         ax2.set_xlabel("layer")
         ax2.set_title(f"share of answer-logit change ({self.logit_change:+.3g})")
         ax2.legend(fontsize="small")
-        fig.tight_layout()
-        return fig
+        if ax is None:
+            ax0.figure.tight_layout()
+        return ax0, ax1, ax2
 
     def __repr__(self) -> str:
         top = ", ".join(f"L{r.layer}N{r.neuron}" for r in self.top_by_logit[:5])
@@ -375,7 +391,7 @@ def compare_coefficients(
     layers: int | Sequence[int] | None = None,
     top_k: int = 20,
     batch_size: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> CoefficientComparison:
     """Compares two models' MLP coefficients on the same prompts, neuron by neuron.
 
@@ -395,7 +411,8 @@ def compare_coefficients(
         layers: Layers to compare; all by default.
         top_k: How many neurons each ranking lists.
         batch_size: Prompts per forward pass (per model); all at once by default.
-        progress: Show a progress bar over batches.
+        progress: Show a progress bar over batches (``None``: the library-wide
+            setting, :func:`unlearnlens.set_progress`).
 
     Raises:
         IncompatibleModelsError: The models differ in architecture (e.g. ``d_mlp``) or

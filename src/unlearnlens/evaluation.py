@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from tqdm.auto import tqdm
 
 from unlearnlens._checks import check_batch_size, check_int
 from unlearnlens._finite import check_finite
 from unlearnlens._guard import preserved
+from unlearnlens._progress import bar
 from unlearnlens._storage import read_json, write_json
 from unlearnlens.errors import ConfigError, FileFormatError, PromptError, UnlearnLensError
 from unlearnlens.metrics import accuracy, answer_logprob, answer_prob
@@ -364,7 +364,7 @@ def evaluate(
     reference: HookedTransformer | None = None,
     max_new_tokens: int = 16,
     batch_size: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> Evaluation:
     """Scores one model, or several side by side, on the forget / retain / unrelated splits.
 
@@ -391,7 +391,8 @@ def evaluate(
             F-measure (``rouge-score``; identical texts score 1). Needs the ``eval`` extra.
         max_new_tokens: Longest generated answer for the drift scores.
         batch_size: Prompts per forward pass (default 64).
-        progress: Show a progress bar over models and splits.
+        progress: Show a progress bar over models and splits (``None``: the library-wide
+            setting, :func:`unlearnlens.set_progress`).
 
     Returns:
         An :class:`Evaluation` whose ``table`` has a row per model.
@@ -458,7 +459,7 @@ def evaluate(
 
     rows: dict[str, dict[str, float]] = {}
     steps = len(models) * (len(splits) + (probes is not None)) + (reference is not None)
-    bar = tqdm(total=steps, desc="evaluate", disable=not progress, leave=False)
+    pbar = bar(total=steps, progress=progress, desc="evaluate", leave=False)
     try:
         ref_answers: dict[str, list[list[int]]] = {}
         if reference is not None:
@@ -467,7 +468,7 @@ def evaluate(
                     k: _generate(reference, _prompt_ids(ps), max_new_tokens)
                     for k, ps in splits.items()
                 }
-            bar.update(1)
+            pbar.update(1)
         for name, m in models.items():
             row: dict[str, float] = {}
             with preserved(m):
@@ -482,19 +483,19 @@ def evaluate(
                         )
                         for metric, value in _drift(m, answers, ref_answers[split], scorer).items():
                             row[f"{split}/{metric}"] = value
-                    bar.update(1)
+                    pbar.update(1)
                 if isinstance(probes, PromptSet):
                     for metric, value in _answer_scores(m, probes, bs).items():
                         row[f"capability/{metric}"] = value
-                    bar.update(1)
+                    pbar.update(1)
                 elif probes is not None:
                     from unlearnlens.prompts import _pad_id
 
                     row["capability/perplexity"] = _perplexity(m, probes, bs, _pad_id(m))
-                    bar.update(1)
+                    pbar.update(1)
             rows[name] = row
     finally:
-        bar.close()
+        pbar.close()
 
     table = pd.DataFrame.from_dict(rows, orient="index", dtype=float)
     table.index.name = "model"

@@ -43,7 +43,7 @@ _POSITIONS = ("all", "prompt", "answer", "last")
 
 
 def _lens(
-    model: HookedTransformer, ps: PromptSet, batch_size: int | None, progress: bool
+    model: HookedTransformer, ps: PromptSet, batch_size: int | None, progress: bool | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-prompt answer log-prob, mean rank and accuracy, ``[1 + n_layers, batch]`` each.
 
@@ -77,7 +77,7 @@ def logit_lens(
     prompts: Prompts,
     *,
     batch_size: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> SweepResult:
     """The answer's log-probability and rank read from the residual stream after each layer.
 
@@ -91,7 +91,8 @@ def logit_lens(
         model: The model to probe.
         prompts: A PromptSet or ``(prompt, answer)`` pairs.
         batch_size: Prompts per forward pass; all at once by default.
-        progress: Show a progress bar over batches.
+        progress: Show a progress bar over batches (``None``: the library-wide
+            setting, :func:`unlearnlens.set_progress`).
 
     Returns:
         A SweepResult with a ``layer`` axis (0 .. n_layers-1, read at
@@ -137,7 +138,7 @@ def logit_lens_compare(
     prompts: Prompts,
     *,
     batch_size: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> SweepResult:
     """The logit lens of a base and an unlearned model side by side.
 
@@ -150,7 +151,8 @@ def logit_lens_compare(
         unlearned: The unlearned model (same architecture and tokenizer).
         prompts: A PromptSet or ``(prompt, answer)`` pairs.
         batch_size: Prompts per forward pass; all at once by default.
-        progress: Show a progress bar over batches.
+        progress: Show a progress bar over batches (``None``: the library-wide
+            setting, :func:`unlearnlens.set_progress`).
 
     Returns:
         A SweepResult with axes ``{"model": ["base", "unlearned"], "layer": [...]}`` and
@@ -236,7 +238,7 @@ def attribution_patch(
     positions: Literal["all", "prompt", "answer", "last"] | str = "all",
     metric: MetricLike = "answer_logprob",
     batch_size: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> SweepResult:
     """First-order estimate of every layer's patching effect, from one backward pass.
 
@@ -274,7 +276,8 @@ def attribution_patch(
         metric: ``"answer_logprob"`` (default), ``"answer_prob"``, ``"krs"``, ``"recovery"``
             or a differentiable callable ``(logits, prompts) -> [batch]``.
         batch_size: Prompts per forward/backward pass; all at once by default.
-        progress: Show a progress bar over batches.
+        progress: Show a progress bar over batches (``None``: the library-wide
+            setting, :func:`unlearnlens.set_progress`).
 
     Returns:
         A SweepResult whose scores are the *estimated patched* metric (the target's score

@@ -489,11 +489,28 @@ def _config_with_class(model: Any) -> _RawConfig:
     )
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check_dtype(dtype: object) -> torch.dtype:
+    """A supported parameter dtype, given as a ``torch.dtype`` or its name."""
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ConfigError(
+                f"dtype {dtype!r} is not supported; use one of {', '.join(map(repr, _DTYPES))} "
+                "(or the torch dtype)"
+            )
+        return _DTYPES[dtype]
+    if dtype not in _DTYPES.values():
+        raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    return dtype  # type: ignore[return-value]
+
+
 def load_hf(
     path_or_model: str | Path | Any,
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     n_devices: int = 1,
     tokenizer: Any = None,
     process_weights: bool = False,
@@ -535,7 +552,8 @@ def load_hf(
             unchanged).
         device: Where the model goes; ``None`` is TransformerLens's default (CUDA when
             available).
-        dtype: Parameter dtype: ``torch.float32``, ``torch.bfloat16`` or ``torch.float16``.
+        dtype: Parameter dtype: ``torch.float32``, ``torch.bfloat16`` or ``torch.float16``, or
+            its name (``"float32"``, ``"bfloat16"``, ``"float16"``).
         n_devices: Number of GPUs to split the layers over (passed to the TransformerLens
             config).
         tokenizer: A tokenizer to attach instead of the one found with the checkpoint.
@@ -554,8 +572,7 @@ def load_hf(
             scaling type) cannot be converted; the message lists the supported ones.
         ConfigError: ``dtype``, ``n_devices`` or ``n_ctx`` is out of range.
     """
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    dtype = _check_dtype(dtype)
     check_device(device)
     n_devices = check_int(n_devices, "n_devices", minimum=1)
     if n_ctx is not None:

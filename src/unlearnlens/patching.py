@@ -25,7 +25,8 @@ from unlearnlens._checks import (
 )
 from unlearnlens._finite import check_finite
 from unlearnlens._roles import check_models, check_order
-from unlearnlens.errors import HookError, PromptError
+from unlearnlens._variants import VariantSpec, parse_variants
+from unlearnlens.errors import ConfigError, HookError, PromptError
 from unlearnlens.metrics import MetricLike, resolve_metric
 from unlearnlens.prompts import Prompts, PromptSet, as_promptset
 from unlearnlens.results import SweepResult
@@ -154,14 +155,15 @@ def patch(
     target: HookedTransformer,
     prompts: Prompts,
     *,
-    hooks: str | Sequence[str],
+    hooks: str | Sequence[str] | None = None,
     layers: int | Sequence[int] | None = None,
     window: int = 1,
     positions: str = "all",
     align: str = "start",
+    variants: VariantSpec | None = None,
     metric: MetricLike = "krs",
     batch_size: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> SweepResult:
     """Patches the source's activations into the target, one layer window at a time.
 
@@ -171,6 +173,16 @@ def patch(
     at the target positions. Several hooks are patched together in the same run (the study's
     "coefficients + attention").
 
+    ``variants`` replaces the layer sweep by explicit patches, each an exact set of layers
+    (any number) with its own hooks and positions, all scored in one engine run::
+
+        ul.patch(base, unlearned, prompts, variants={
+            "late coefficients": dict(layers=[-3, -2, -1], hooks="mlp.hook_post"),
+            "late coef + attn": dict(layers=[-3, -2, -1], hooks=["mlp.hook_post", "attn_out"]),
+        })
+
+    The result then has a ``variant`` axis labelled with the names.
+
     Args:
         source: The model activations come from (the base model in the study).
         target: The model they go into (the unlearned model).
@@ -178,7 +190,7 @@ def patch(
         hooks: One block-relative hook name or several: ``"hook_resid_pre"``,
             ``"hook_resid_mid"``, ``"hook_resid_post"``, ``"hook_attn_out"``, ``"hook_mlp_out"``,
             ``"mlp.hook_post"`` (MLP coefficients), ``"attn.hook_z"``, ... (short aliases such
-            as ``"resid_pre"`` work too).
+            as ``"resid_pre"`` work too). Required unless every variant names its own.
         layers: The window centres; all layers by default.
         window: A positive odd number of layers patched together (the study uses 5).
         positions: ``"all"`` real positions; ``"prompt"`` or ``"answer"`` tokens only;
@@ -191,17 +203,24 @@ def patch(
             the answer's start (labels ``"prompt-3", "prompt-2", "prompt-1", "answer+0",
             ...``), so a column is the same role in every prompt and heatmaps of prompts of
             different lengths line up (see :func:`position_slots`).
+        variants: A list of ``dict(layers=..., hooks=..., positions=...)``, or a dict of
+            name -> such a dict, in place of the layer sweep (``layers`` and ``window`` are
+            then left at their defaults). ``layers``: a layer, a list (negative count from
+            the end) or ``None`` for all; ``hooks`` and ``positions`` (not ``"each"``)
+            default to the arguments of the same name.
         metric: ``"krs"`` (default), ``"answer_logprob"``, ``"answer_prob"``, ``"accuracy"``,
             ``"recovery"``, or a callable ``(logits, prompts) -> [batch]``.
         batch_size: Most rows (prompts x stacked variants) per forward pass.
-        progress: Show a progress bar.
+        progress: Show a progress bar (``None``: the library-wide setting).
 
     Returns:
-        A SweepResult with a ``layer`` axis (and a ``pos`` axis for ``positions="each"``).
+        A SweepResult with a ``layer`` axis (and a ``pos`` axis for ``positions="each"``), or
+        a ``variant`` axis with ``variants``.
 
     Raises:
+        ConfigError: A dict of models, or a malformed ``variants``.
         IncompatibleModelsError: The models differ in architecture or tokenizer.
-        HookError: An unknown hook (the message lists the valid ones).
+        HookError: An unknown hook (the message lists the valid ones), or none given.
         LayerError: A layer out of range, or a window that is not a positive odd number.
         PromptError: Bad prompts, or ``positions`` not among the allowed values.
         MetricError: An unknown metric, or one that returns the wrong shape.
@@ -213,6 +232,22 @@ def patch(
         raise PromptError(f"align must be one of {', '.join(_ALIGNS)}; got {align!r}")
     if align != "start" and positions != "each":
         raise PromptError(f"align={align!r} applies to positions='each' only")
+    if variants is not None:
+        return _patch_variants(
+            source,
+            target,
+            prompts,
+            variants,
+            hooks,
+            layers,
+            window,
+            positions,
+            metric,
+            batch_size,
+            progress,
+        )
+    if hooks is None:
+        raise HookError("patch needs hooks=, e.g. hooks='mlp.hook_post' (or variants=)")
     hook_names = resolve_hooks(target, hooks)
     centres = check_layers(target, layers)
     window = check_window(window)
@@ -234,19 +269,19 @@ def patch(
     axes: dict[str, list[object]] = {"layer": list(centres)}
     if positions == "each":
         labels, masks = position_slots(ps, align)
-        variants = [variant(c, m) for c in centres for m in masks]
+        runs = [variant(c, m) for c in centres for m in masks]
         present = masks.any(-1).repeat(len(centres), 1)
         axes["pos"] = labels
     else:
         mask = None if positions == "all" else ps.position_mask(positions)
-        variants = [variant(c, mask) for c in centres]
+        runs = [variant(c, mask) for c in centres]
         present = None
 
     scores = run_variants(
         source,
         target,
         ps,
-        variants,
+        runs,
         bound,
         batch_size=batch_size,
         progress=progress,
@@ -265,6 +300,78 @@ def patch(
     return sweep_result(scores, bound, axes, meta, present)
 
 
+def _patch_variants(
+    source: HookedTransformer,
+    target: HookedTransformer,
+    prompts: Prompts,
+    variants: VariantSpec,
+    hooks: str | Sequence[str] | None,
+    layers: int | Sequence[int] | None,
+    window: int,
+    positions: str,
+    metric: MetricLike,
+    batch_size: int | None,
+    progress: bool | None,
+) -> SweepResult:
+    """:func:`patch` with explicit variants: every check first, then one engine run."""
+    if layers is not None or window != 1 or positions == "each":
+        raise ConfigError(
+            "patch: variants replace the layer sweep; leave layers and window at their defaults "
+            "(and positions other than 'each') and give each variant its own layers"
+        )
+    entries = parse_variants(
+        variants,
+        keys=("layers", "hooks", "positions"),
+        function="patch",
+        defaults={"hooks": hooks},
+    )
+    resolved = []
+    for name, entry in entries:
+        wanted = entry.get("hooks", hooks)
+        if wanted is None:
+            raise HookError(f"patch: variant {name!r} names no hooks, and hooks= is not given")
+        where = entry.get("positions", positions)
+        if where not in _POSITIONS or where == "each":
+            allowed = ", ".join(p for p in _POSITIONS if p != "each")
+            raise PromptError(
+                f"patch: variant {name!r} has positions={where!r}; one of {allowed} is needed"
+            )
+        chosen = sorted(set(check_layers(target, entry["layers"])))
+        resolved.append((name, chosen, resolve_hooks(target, wanted), where))
+    bound = resolve_metric(metric)
+    ps = prepare(source, target, prompts, "patch")
+    runs = []
+    for _, chosen, hook_names, where in resolved:
+        mask = None if where == "all" else ps.position_mask(where)
+        runs.append(
+            Variant(patches=tuple(Patch(lay, h, mask) for lay in chosen for h in hook_names))
+        )
+    scores = run_variants(
+        source,
+        target,
+        ps,
+        runs,
+        bound,
+        batch_size=batch_size,
+        progress=progress,
+        desc="patch variants",
+    )
+    meta = {
+        "kind": "patch",
+        "hooks": sorted({h for _, _, names, _ in resolved for h in names}),
+        "window": None,
+        "positions": "variants",
+        "windows": [chosen for _, chosen, _, _ in resolved],
+        "variants": [
+            {"name": name, "layers": chosen, "hooks": names, "positions": where}
+            for name, chosen, names, where in resolved
+        ],
+        "source": source.cfg.model_name,
+        "target": target.cfg.model_name,
+    }
+    return sweep_result(scores, bound, {"variant": [r[0] for r in resolved]}, meta)
+
+
 def patch_residual(
     base: HookedTransformer,
     unlearned: HookedTransformer,
@@ -277,7 +384,7 @@ def patch_residual(
     align: str = "start",
     metric: MetricLike = "krs",
     batch_size: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> SweepResult:
     """Patches the base model's residual stream into the unlearned model, layer by layer.
 
@@ -299,7 +406,8 @@ def patch_residual(
             (``"prompt-1"``, ``"answer+0"``, ...), as in :func:`patch`.
         metric: A metric name or callable; KRS by default.
         batch_size: Most rows per forward pass.
-        progress: Show a progress bar.
+        progress: Show a progress bar (``None``: the library-wide
+            setting, :func:`unlearnlens.set_progress`).
     """
     check_models(base, unlearned, "patch_residual")
     if hook not in ("resid_pre", "resid_mid", "resid_post"):
@@ -330,7 +438,7 @@ def patch_mlp_coefficients(
     align: str = "start",
     metric: MetricLike = "krs",
     batch_size: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> SweepResult:
     """Patches the base model's MLP coefficients (``mlp.hook_post``) into the unlearned model.
 
@@ -366,7 +474,7 @@ def patch_attention(
     align: str = "start",
     metric: MetricLike = "krs",
     batch_size: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> SweepResult:
     """Patches the base model's attention outputs (``hook_attn_out``) into the unlearned model.
 

@@ -22,7 +22,7 @@ block-relative parameter names (``mlp.W_out``, ``attn.W_Q``, ``ln2.w``, ...), th
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from unlearnlens._checks import check_batch_size, check_layers, check_window, window_layers
 from unlearnlens._roles import check_models, check_order
+from unlearnlens._variants import VariantSpec, parse_variants
 from unlearnlens.components import TOP_LEVEL, resolve_components, select_parameters
 from unlearnlens.errors import ConfigError, IncompatibleModelsError
 from unlearnlens.metrics import MetricLike, resolve_metric
@@ -287,9 +288,10 @@ def restore_sweep(
     layers: int | Sequence[int] | None = None,
     window: int = 1,
     mode: Mode = "window",
+    variants: VariantSpec | None = None,
     metric: MetricLike = "krs",
     batch_size: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> SweepResult:
     """Restores the base model's parameters into the unlearned model, layer by layer, and scores it.
 
@@ -305,6 +307,17 @@ def restore_sweep(
     model's cached residual stream at the lowest restored layer (from the embedding when
     ``embed`` or ``pos_embed`` is restored), and both models come back unchanged.
 
+    ``variants`` replaces the sweep by explicit restorations, each an exact set of layers
+    (any number, not only windows) with its own components, all scored in one engine run::
+
+        ul.restore_sweep(base, unlearned, prompts, variants={
+            "last 2 attn + W_out": dict(layers=[-2, -1], components=["attn", "mlp.W_out"]),
+            "all W_out": dict(layers=None, components="mlp.W_out"),
+        })
+
+    The result then has a ``variant`` axis labelled with the names (a list's entries are
+    named after what they restore, e.g. ``"attn+mlp.W_out @ layers -2,-1"``).
+
     Args:
         base: The original model (source of the weights).
         unlearned: The unlearned model (restored).
@@ -315,17 +328,24 @@ def restore_sweep(
             start); all layers by default.
         window: A positive odd number of layers (``mode="window"`` only).
         mode: ``"window"``, ``"from_top"`` or ``"from_bottom"``.
+        variants: A list of ``dict(layers=..., components=...)``, or a dict of name -> such
+            a dict: one restoration each, in place of the layer sweep (``layers``, ``window``
+            and ``mode`` are then left at their defaults). ``layers`` is a layer, a list
+            (negative count from the end) or ``None`` for all; ``components`` defaults to the
+            ``components`` argument.
         metric: ``"krs"`` (default), ``"answer_logprob"``, ``"answer_prob"``, ``"accuracy"``,
             ``"recovery"``, or a callable ``(logits, prompts) -> [batch]``.
         batch_size: Most prompts per forward pass.
-        progress: Show a progress bar.
+        progress: Show a progress bar (``None``: the library-wide setting).
 
     Returns:
-        A SweepResult with a ``layer`` axis; ``meta`` holds the resolved components, the mode,
-        the window and the layers restored at each point (``"restored_layers"``).
+        A SweepResult with a ``layer`` axis (a ``variant`` axis with ``variants``); ``meta``
+        holds the resolved components, the mode, the window and the layers restored at each
+        point (``"restored_layers"``; with ``variants``, ``"variants"`` describes each).
 
     Raises:
-        ConfigError: An unknown mode, or a window other than 1 outside ``mode="window"``.
+        ConfigError: An unknown mode, a window other than 1 outside ``mode="window"``, or a
+            malformed ``variants`` (or one given together with ``layers``/``window``/``mode``).
         ComponentError: An unknown component or one the architecture lacks.
         LayerError: A layer out of range, or a window that is not a positive odd number.
         IncompatibleModelsError: The models differ in architecture, tokenizer or a parameter's
@@ -334,6 +354,20 @@ def restore_sweep(
         MetricError: An unknown metric, or one that returns the wrong shape.
     """
     check_models(base, unlearned, "restore_sweep")
+    if variants is not None:
+        return _restore_variants(
+            base,
+            unlearned,
+            prompts,
+            variants,
+            components,
+            layers,
+            window,
+            mode,
+            metric,
+            batch_size,
+            progress,
+        )
     if mode not in _MODES:
         raise ConfigError(f"mode must be one of {', '.join(_MODES)}; got {mode!r}")
     window = check_window(window)
@@ -351,25 +385,12 @@ def restore_sweep(
     # Every check (models, shapes) once, before any work; each run then swaps its own subset.
     union = sorted({layer for w in windows for layer in w})
     pairs = _pairs(base, unlearned, union, names)
-
-    def factory(restore_layers: list[int]) -> Callable[[], Restoration]:
-        wanted = set(select_parameters(unlearned, restore_layers, names))
-        subset = [pair for pair in pairs if pair[0] in wanted]
-        return lambda: Restoration(subset)
-
-    variants = [
-        Variant(
-            context=factory(w),
-            start_layer=_start_layer(names, w, n_layers),
-            mlp_out_only=set(names) <= {"mlp.W_out", "mlp.b_out"},
-        )
-        for w in windows
-    ]
+    runs = [_variant(unlearned, pairs, w, names) for w in windows]
     scores = run_variants(
         base,
         unlearned,
         ps,
-        variants,
+        runs,
         bound,
         batch_size=batch_size,
         progress=progress,
@@ -385,3 +406,81 @@ def restore_sweep(
         "target": unlearned.cfg.model_name,
     }
     return sweep_result(scores, bound, {"layer": list(centres)}, meta)
+
+
+def _variant(
+    unlearned: HookedTransformer,
+    pairs: list[tuple[str, nn.Parameter, nn.Parameter]],
+    layers: list[int],
+    names: list[str],
+) -> Variant:
+    """The engine's run restoring ``names`` in ``layers`` (a subset of the checked ``pairs``)."""
+    wanted = set(select_parameters(unlearned, layers, names))
+    subset = [pair for pair in pairs if pair[0] in wanted]
+    return Variant(
+        context=lambda: Restoration(subset),
+        start_layer=_start_layer(names, layers, unlearned.cfg.n_layers),
+        mlp_out_only=set(names) <= {"mlp.W_out", "mlp.b_out"},
+    )
+
+
+def _restore_variants(
+    base: HookedTransformer,
+    unlearned: HookedTransformer,
+    prompts: Prompts,
+    variants: VariantSpec,
+    components: str | Sequence[str],
+    layers: int | Sequence[int] | None,
+    window: int,
+    mode: str,
+    metric: MetricLike,
+    batch_size: int | None,
+    progress: bool | None,
+) -> SweepResult:
+    """:func:`restore_sweep` with explicit variants: every check first, then one engine run."""
+    if layers is not None or window != 1 or mode != "window":
+        raise ConfigError(
+            "restore_sweep: variants replace the layer sweep; leave layers, window and mode at "
+            "their defaults and give each variant its own layers"
+        )
+    entries = parse_variants(
+        variants,
+        keys=("layers", "components"),
+        function="restore_sweep",
+        defaults={"components": components},
+    )
+    resolved = []
+    for name, entry in entries:
+        names = resolve_components(unlearned, entry.get("components", components))
+        chosen = check_layers(unlearned, entry["layers"])
+        resolved.append((name, sorted(set(chosen)), names))
+    bound = resolve_metric(metric)
+    ps = prepare(base, unlearned, prompts, "restore_sweep")
+    runs = [
+        _variant(unlearned, _pairs(base, unlearned, chosen, names), chosen, names)
+        for _, chosen, names in resolved
+    ]
+    scores = run_variants(
+        base,
+        unlearned,
+        ps,
+        runs,
+        bound,
+        batch_size=batch_size,
+        progress=progress,
+        desc="restore variants",
+    )
+    meta = {
+        "kind": "restore",
+        "components": sorted({c for _, _, names in resolved for c in names}),
+        "mode": "variants",
+        "window": None,
+        "restored_layers": [chosen for _, chosen, _ in resolved],
+        "variants": [
+            {"name": name, "layers": chosen, "components": names}
+            for name, chosen, names in resolved
+        ],
+        "source": base.cfg.model_name,
+        "target": unlearned.cfg.model_name,
+    }
+    return sweep_result(scores, bound, {"variant": [n for n, _, _ in resolved]}, meta)

@@ -121,45 +121,120 @@ class SweepResult:
         frame.attrs.update(metric=self.metric, baseline=self.baseline, reference=self.reference)
         return frame
 
+    def _default_label(self) -> str | None:
+        """What a sweep's line is called when no ``label`` is given."""
+        if self.meta.get("name"):
+            return str(self.meta["name"])
+        kind = self.meta.get("kind")
+        if kind == "patch" and self.meta.get("hooks"):
+            return "patch " + "+".join(self.meta["hooks"])
+        if kind == "restore" and self.meta.get("components"):
+            names = self.meta["components"]
+            return "restore " + ("+".join(names) if len(names) <= 3 else f"{len(names)} tensors")
+        if kind == "logit_lens" and self.meta.get("model"):
+            return f"logit lens ({self.meta['model']})"
+        return None
+
     def plot(
         self, ax: Axes | None = None, *, label: str | None = None, title: str | None = None
     ) -> Axes:
-        """A line over the layer axis (with baseline and reference), or a heatmap for two axes."""
+        """Draws the sweep on ``ax`` (a new figure's axes by default) and returns the Axes.
+
+        One axis: a line over it (``layer`` or ``variant``), with the unlearned model's score
+        (``baseline``, "unlearned") and the base model's (``reference``, "base") as horizontal
+        lines; several sweeps drawn on the same Axes share those legend entries. Two axes
+        (``layer x pos``): a heatmap in a diverging map centred at 0 (white = the unlearned
+        model's KRS), NaN cells (positions a prompt set lacks) in grey, and at most about 16
+        labelled ticks per axis.
+
+        Args:
+            ax: The matplotlib Axes to draw on.
+            label: The line's legend entry (default: the sweep's ``meta["name"]`` or what it
+                patched or restored).
+            title: The Axes title (default: ``meta["name"]``, if any).
+        """
         import matplotlib.pyplot as plt
 
+        if self.scores.ndim not in (1, 2):
+            raise UnlearnLensError(f"plot() draws 1 or 2 axes; this result has {self.scores.ndim}")
         if ax is None:
             _, ax = plt.subplots(figsize=(6, 3.5) if self.scores.ndim == 1 else (7, 4))
-        names = list(self.axes)
         if self.scores.ndim == 1:
-            x = self.axes[names[0]]
-            ax.plot(x, self.scores.numpy(), marker="o", label=label or self.meta.get("name"))
-            drawn = set(ax.get_legend_handles_labels()[1])  # several sweeps on one axes
-            if "unpatched target" not in drawn:
-                ax.axhline(self.baseline, color="grey", ls=":", lw=1, label="unpatched target")
-            if "source" not in drawn:
-                ax.axhline(self.reference, color="black", ls="--", lw=1, label="source")
-            ax.set_xlabel(names[0])
-            ax.set_ylabel(self.metric)
-            ax.legend(fontsize="small")
-        elif self.scores.ndim == 2:
-            im = ax.imshow(
-                self.scores.numpy(),
-                aspect="auto",
-                cmap="RdBu_r",
-                origin="lower",
-                vmin=min(self.baseline, self.reference, float(self.scores.nan_to_num().min())),
-                vmax=max(self.baseline, self.reference, float(self.scores.nan_to_num().max())),
-            )
-            ax.set_ylabel(names[0])
-            ax.set_xlabel(names[1])
-            ax.set_yticks(range(len(self.axes[names[0]])), [str(v) for v in self.axes[names[0]]])
-            ax.set_xticks(range(len(self.axes[names[1]])), [str(v) for v in self.axes[names[1]]])
-            ax.figure.colorbar(im, ax=ax, label=self.metric)
+            self._plot_line(ax, label)
         else:
-            raise UnlearnLensError(f"plot() draws 1 or 2 axes; this result has {self.scores.ndim}")
+            self._plot_heatmap(ax)
         if title or self.meta.get("name"):
             ax.set_title(title or str(self.meta.get("name")))
         return ax
+
+    def _plot_line(self, ax: Axes, label: str | None) -> None:
+        name = next(iter(self.axes))
+        x = [str(v) for v in self.axes[name]] if name == "variant" else self.axes[name]
+        drawn = set(ax.get_legend_handles_labels()[1])  # several sweeps on one Axes
+        line_label = label or self._default_label()
+        if line_label in drawn:
+            line_label = f"{line_label} ({sum(lab.startswith(line_label) for lab in drawn) + 1})"
+        ax.plot(x, self.scores.numpy(), marker="o", label=line_label)
+        if self.meta.get("kind") == "logit_lens":
+            lines = [(self.baseline, "grey", ":", "model output (last layer)")]
+        else:
+            lines = [
+                (self.baseline, "grey", ":", "unlearned"),
+                (self.reference, "black", "--", "base"),
+            ]
+        for value, color, style, text in lines:
+            if math.isnan(value):
+                continue
+            existing = [
+                line
+                for line in ax.get_lines()
+                if line.get_label() == text and list(line.get_ydata()) == [value, value]
+            ]
+            if existing:
+                continue  # the same reference line is drawn once
+            ax.axhline(
+                value, color=color, ls=style, lw=1, label=text if text not in drawn else None
+            )
+            drawn.add(text)
+        ax.set_xlabel(name)
+        ax.set_ylabel(self.metric)
+        if name == "variant":
+            ax.tick_params(axis="x", labelrotation=30)
+            for tick in ax.get_xticklabels():
+                tick.set_horizontalalignment("right")
+        ax.legend(fontsize="small")
+
+    def _plot_heatmap(self, ax: Axes) -> None:
+        import matplotlib.pyplot as plt
+
+        rows, cols = list(self.axes)
+        values = self.scores.numpy()
+        finite = self.scores[self.scores.isfinite()]
+        extent = [abs(self.baseline), abs(self.reference)]
+        if finite.numel():
+            extent.append(float(finite.abs().max()))
+        half = max((e for e in extent if math.isfinite(e)), default=1.0) or 1.0
+        cmap = plt.get_cmap("RdBu_r").with_extremes(bad="lightgrey")
+        im = ax.imshow(
+            values,
+            aspect="auto",
+            cmap=cmap,
+            origin="lower",
+            vmin=-half,
+            vmax=half,
+            interpolation="nearest",
+        )
+        ax.set_ylabel(rows)
+        ax.set_xlabel(cols)
+        for axis, labels in ((ax.yaxis, self.axes[rows]), (ax.xaxis, self.axes[cols])):
+            step = max(1, math.ceil(len(labels) / 16))
+            ticks = list(range(0, len(labels), step))
+            axis.set_ticks(ticks, [str(labels[i]) for i in ticks])
+        if any(isinstance(v, str) for v in self.axes[cols]):
+            ax.tick_params(axis="x", labelrotation=60)
+            for tick in ax.get_xticklabels():
+                tick.set_horizontalalignment("right")
+        ax.figure.colorbar(im, ax=ax, label=self.metric)
 
     # --------------------------------------------------------------------------- save / load
 

@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformer_lens.utilities import apply_softcap
@@ -38,6 +37,7 @@ from transformer_lens.utilities import apply_softcap
 from unlearnlens import _offload
 from unlearnlens._checks import check_batch_size
 from unlearnlens._guard import preserved
+from unlearnlens._progress import bar
 from unlearnlens.metrics import BoundMetric
 
 if TYPE_CHECKING:
@@ -503,7 +503,7 @@ def run_variants(
     metric: BoundMetric,
     *,
     batch_size: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     desc: str = "sweep",
 ) -> SweepScores:
     """Scores every variant of the target on every prompt; the models come back unchanged.
@@ -515,7 +515,7 @@ def run_variants(
         variants: What to change in each run.
         metric: The bound metric (see :func:`unlearnlens.metrics.resolve_metric`).
         batch_size: Most rows (prompts x stacked variants) in one forward pass.
-        progress: Show a progress bar over forward passes.
+        progress: Show a progress bar over forward passes (``None``: the library-wide setting).
         desc: The progress bar's label.
 
     Returns:
@@ -579,7 +579,7 @@ def run_variants(
             )
 
         plan = [list(_groups(variants, chunk, sl, n_layers, rows_per_pass)) for sl, chunk in chunks]
-        bar = tqdm(total=sum(len(p) for p in plan), desc=desc, disable=not progress, leave=False)
+        pbar = bar(total=sum(len(p) for p in plan), progress=progress, desc=desc, leave=False)
         try:
             for (sl, chunk), groups, clean, (starts, want_kv, mids) in zip(
                 chunks, plan, cleans, needs
@@ -601,9 +601,9 @@ def run_variants(
                         per_prompt[i, sl] = metric(
                             lg, chunk, clean.source_logits, clean.target_logits
                         ).cpu()
-                    bar.update(1)
+                    pbar.update(1)
         finally:
-            bar.close()
+            pbar.close()
     return SweepScores(
         per_prompt=per_prompt, baseline=baseline, reference=reference, left_out=left_out
     )

@@ -37,11 +37,10 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
-from tqdm.auto import tqdm
-
 from unlearnlens._checks import check_batch_size, check_int, check_model, check_window
 from unlearnlens._finite import check_finite
 from unlearnlens._guard import preserved
+from unlearnlens._progress import bar
 from unlearnlens.audit.result import AuditResult
 from unlearnlens.errors import ComponentError, ConfigError, PromptError, UnlearnLensError
 from unlearnlens.prompts import PromptSet, as_promptset
@@ -153,7 +152,7 @@ def dissect(
     eval_max_new_tokens: int = 16,
     top_k: int = 20,
     batch_size: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     audit: AuditResult | None = None,
 ) -> StudyResult:
     """Runs the whole unlearning study: behaviour, patching, restoration, coefficients, lens.
@@ -190,7 +189,8 @@ def dissect(
         eval_max_new_tokens: Longest generation in the behaviour test's drift scores.
         top_k: Neurons listed by the coefficient comparison.
         batch_size: Most rows per forward pass.
-        progress: Show progress bars.
+        progress: Show progress bars (``None``: the library-wide
+            setting, :func:`unlearnlens.set_progress`).
         audit: An :func:`unlearnlens.audit` of the same models, kept in the result and shown
             in its report.
 
@@ -285,11 +285,11 @@ def dissect(
         )
         reference = None
 
-    bar = tqdm(total=total, desc="dissect", disable=not progress)
+    pbar = bar(total=total, progress=progress, desc="dissect")
     try:
         with preserved(base, *models.values()):
             if "behaviour" in chosen:
-                bar.set_postfix_str("behaviour")
+                pbar.set_postfix_str("behaviour")
                 evaluation = evaluate(
                     {"base": base, **models},
                     forget=ps,
@@ -300,24 +300,28 @@ def dissect(
                     batch_size=batch_size,
                     progress=progress,
                 )
-                bar.update(1)
+                pbar.update(1)
             if "logit_lens" in chosen:
-                base_lens = logit_lens(base, ps, batch_size=batch_size)
-                bar.update(1)
+                base_lens = logit_lens(base, ps, batch_size=batch_size, progress=progress)
+                pbar.update(1)
             for name, u in models.items():
                 for analysis in per_method:
-                    bar.set_postfix_str(f"{name}: {analysis}")
+                    pbar.set_postfix_str(f"{name}: {analysis}")
                     if analysis == "coefficients":
                         coefficients[name] = CoefficientTables.from_comparison(
-                            compare_coefficients(base, u, ps, top_k=top_k, batch_size=batch_size)
+                            compare_coefficients(
+                                base, u, ps, top_k=top_k, batch_size=batch_size, progress=progress
+                            )
                         )
                     elif analysis == "logit_lens":
-                        sweeps[name][analysis] = logit_lens(u, ps, batch_size=batch_size)
+                        sweeps[name][analysis] = logit_lens(
+                            u, ps, batch_size=batch_size, progress=progress
+                        )
                     else:
                         sweeps[name][analysis] = runs[analysis](u)
-                    bar.update(1)
+                    pbar.update(1)
     finally:
-        bar.close()
+        pbar.close()
 
     meta = {
         "methods": list(models),

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast
 
+from unlearnlens._progress import bar
 from unlearnlens._roles import mark_base
 from unlearnlens.errors import ConfigError, NonFiniteLossError
 from unlearnlens.toy.tokenizer import make_tokenizer
@@ -347,7 +347,7 @@ def _fit(
     cfg: ToyTrainConfig,
     *,
     pad: int,
-    progress: bool,
+    progress: bool | None,
     on_step: Callable[[int], None] | None = None,
 ) -> None:
     rng = random.Random(f"toy-train:{cfg.seed}")
@@ -356,7 +356,7 @@ def _fit(
     n_qa = data.qa_tokens.shape[0]
     perm, cursor = torch.randperm(n_qa, generator=order_gen), 0
     model.train()
-    bar = tqdm(range(cfg.steps), desc="training toy base model", disable=not progress, leave=False)
+    pbar = bar(range(cfg.steps), progress=progress, desc="training toy base model", leave=False)
     for step in bar:
         if cursor + cfg.batch_size > n_qa:
             perm, cursor = torch.randperm(n_qa, generator=order_gen), 0
@@ -385,10 +385,10 @@ def _fit(
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         if progress and step % 25 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            pbar.set_postfix(loss=f"{loss.item():.3f}")
         if on_step is not None:
             on_step(step)
-    bar.close()
+    pbar.close()
     model.eval()
 
 
@@ -417,7 +417,7 @@ def train_base(
     seed: int = 0,
     steps: int | None = None,
     cache_dir: str | Path | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     device: str | torch.device | None = None,
     **overrides,
 ) -> HookedTransformer:
@@ -438,7 +438,8 @@ def train_base(
         seed: Seed of the initialisation and data order.
         steps: Optimizer steps (default :attr:`ToyTrainConfig.steps`).
         cache_dir: Cache folder; default :func:`default_cache_dir`.
-        progress: Show a progress bar while training.
+        progress: Show a progress bar while training (``None``: the library-wide
+            setting, :func:`unlearnlens.set_progress`).
         device: Where to train and return the model (default the CPU; another device type
             trains there and is cached under its own key, since results differ across devices).
         **overrides: :class:`ToyTrainConfig` fields (``lr=1e-3``) or
