@@ -31,7 +31,6 @@ other settings of these classes are not registered; pass instances to :func:`unl
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -243,35 +242,46 @@ class QuantizationProbe(Probe):
         """Scores the quantized copies of the unlearned (and, in details, the base) model."""
         b, u = _gap(base, unlearned, data.forget, data)
         kw = {"group_size": self.group_size, "symmetric": self.symmetric}
-        sub_step = _sub_step_share(base, unlearned, self.bits, **kw)
+        shares = _rounding_shares(base, unlearned, self.bits, **kw)
         q = fake_quantize(unlearned, self.bits, **kw)
         attacked = knowledge(q, data.forget, data.metric, data.batch_size)
         del q
         qb = fake_quantize(base, self.bits, **kw)
         base_q = knowledge(qb, data.forget, data.metric, data.batch_size)
-        details = {"base_quantized": base_q, "changed_below_half_step": sub_step}
+        details = {"base_quantized": base_q, **shares}
         return ProbeScore(b, u, attacked, details=details)
 
 
-def _sub_step_share(
+def _rounding_shares(
     base: HookedTransformer, unlearned: HookedTransformer, bits: int, **kw: object
-) -> float:
-    """Of the quantized weights unlearning changed, the share that moved by < half a step."""
-    from unlearnlens.audit.quantization import _as_io, quantization_step, quantized_parameters
+) -> dict[str, float]:
+    """Shares of the quantized weights that unlearning changed, and that round differently.
+
+    Quantization can only undo the unlearning where the two models' weights round to the
+    same grid point; ``rounded_differently`` is the share where they do not (more than half
+    a step apart after rounding).
+    """
+    from unlearnlens.audit.quantization import (
+        _as_io,
+        quantization_step,
+        quantize_matrix,
+        quantized_parameters,
+    )
 
     params_b = dict(base.named_parameters())
     params_u = dict(unlearned.named_parameters())
-    changed = below = 0
+    total = changed = differ = 0
     with torch.no_grad():
         for name in quantized_parameters(base):
             wb = _as_io(name, params_b[name]).float()
             wu = _as_io(name, params_u[name]).float().to(wb.device)
+            qb = quantize_matrix(wb, bits, **kw)  # type: ignore[arg-type]
+            qu = quantize_matrix(wu, bits, **kw)  # type: ignore[arg-type]
             step = quantization_step(wb, bits, **kw)  # type: ignore[arg-type]
-            diff = (wu - wb).abs()
-            moved = diff > 0
-            changed += int(moved.sum())
-            below += int((moved & (diff < step / 2)).sum())
-    return below / changed if changed else math.nan
+            total += wb.numel()
+            changed += int((wu != wb).sum())
+            differ += int(((qu - qb).abs() > step / 2).sum())  # another grid point
+    return {"changed": changed / total, "rounded_differently": differ / total}
 
 
 @dataclass(frozen=True)
