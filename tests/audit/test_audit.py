@@ -141,6 +141,7 @@ def test_sub_step_unlearning_recovered_by_the_quant4_probe():
     row = r[("unlearned", "quant4")]
     assert row.unlearned != pytest.approx(row.base, abs=1e-3)
     assert row.attacked == pytest.approx(row.details["base_quantized"], abs=1e-5)
+    assert row.details["rounded_differently"] == 0.0 and row.details["changed"] > 0.3
 
 
 def test_arguments_are_checked_before_work(models):

@@ -16,8 +16,8 @@ name                   kind    what it measures
 ``relearn_retain``     attack  fine-tune on the retain set (other facts), score the forget set
 ``in_context``         attack  three solved retain questions before every forget question
 ``paraphrase``         attack  the forget questions in other (held-out) phrasings
-``linear_probe``       attack  per-layer probes from the base model decode the answer token
-                               from the unlearned model's residual stream
+``linear_probe``       attack  per-layer probes fitted on the base model's retain prompts
+                               decode the forget answer from the unlearned model's residuals
 ``linear_probe_pair``  attack  the same probes score the answer above its distractors
 ``restore_w_out``      attack  the base model's ``mlp.W_out`` in every layer (the reference
                                study's value-vector restoration, on the same scale)
@@ -242,12 +242,46 @@ class QuantizationProbe(Probe):
         """Scores the quantized copies of the unlearned (and, in details, the base) model."""
         b, u = _gap(base, unlearned, data.forget, data)
         kw = {"group_size": self.group_size, "symmetric": self.symmetric}
+        shares = _rounding_shares(base, unlearned, self.bits, **kw)
         q = fake_quantize(unlearned, self.bits, **kw)
         attacked = knowledge(q, data.forget, data.metric, data.batch_size)
         del q
         qb = fake_quantize(base, self.bits, **kw)
         base_q = knowledge(qb, data.forget, data.metric, data.batch_size)
-        return ProbeScore(b, u, attacked, details={"base_quantized": base_q})
+        details = {"base_quantized": base_q, **shares}
+        return ProbeScore(b, u, attacked, details=details)
+
+
+def _rounding_shares(
+    base: HookedTransformer, unlearned: HookedTransformer, bits: int, **kw: object
+) -> dict[str, float]:
+    """Shares of the quantized weights that unlearning changed, and that round differently.
+
+    Quantization can only undo the unlearning where the two models' weights round to the
+    same grid point; ``rounded_differently`` is the share where they do not (more than half
+    a step apart after rounding).
+    """
+    from unlearnlens.audit.quantization import (
+        _as_io,
+        quantization_step,
+        quantize_matrix,
+        quantized_parameters,
+    )
+
+    params_b = dict(base.named_parameters())
+    params_u = dict(unlearned.named_parameters())
+    total = changed = differ = 0
+    with torch.no_grad():
+        for name in quantized_parameters(base):
+            wb = _as_io(name, params_b[name]).float()
+            wu = _as_io(name, params_u[name]).float().to(wb.device)
+            qb = quantize_matrix(wb, bits, **kw)  # type: ignore[arg-type]
+            qu = quantize_matrix(wu, bits, **kw)  # type: ignore[arg-type]
+            step = quantization_step(wb, bits, **kw)  # type: ignore[arg-type]
+            total += wb.numel()
+            changed += int((wu != wb).sum())
+            differ += int(((qu - qb).abs() > step / 2).sum())  # another grid point
+    return {"changed": changed / total, "rounded_differently": differ / total}
 
 
 @dataclass(frozen=True)
@@ -432,10 +466,14 @@ class LinearProbe(Probe):
     """Per-layer linear probes fitted on the base model, read on the unlearned model.
 
     The probes decode the answer's first token from the residual stream after each block at
-    the last prompt position; they train on the base model's forget (and retain) prompts. The
-    base and unlearned scores are the models' own outputs on the same task (their logits over
-    the probes' classes at that position); the attacked score is the best layer's probe on
-    the unlearned model's residual stream (every layer is in ``details``).
+    the last prompt position. They are fitted on the base model's *retain* prompts only, so
+    they cannot have memorised the forget facts themselves: on forget prompts they succeed
+    only where the model writes a linear code for its answer. The layer read is the one where
+    the probes decode the base model's forget answers best (the earliest, on ties), chosen
+    without looking at the unlearned model. The base and unlearned scores are the models' own
+    outputs on the same task (their logits over the probes' classes at that position); the
+    attacked score is the probe on the unlearned model's residual stream at that layer
+    (every layer, for both models, is in ``details``).
 
     Attributes:
         target: ``"token"`` (top class = answer) or ``"pair"`` (answer above distractors).
@@ -452,8 +490,9 @@ class LinearProbe(Probe):
 
     @property
     def needs(self) -> tuple[Need, ...]:  # type: ignore[override]
-        """scikit-learn, and distractors for the ``"pair"`` read-out."""
-        return ("sklearn", "perturbed") if self.target == "pair" else ("sklearn",)
+        """scikit-learn, the retain set, and distractors for the ``"pair"`` read-out."""
+        need: tuple[Need, ...] = ("sklearn", "retain")
+        return (*need, "perturbed") if self.target == "pair" else need
 
     @property
     def name(self) -> str:
@@ -463,13 +502,13 @@ class LinearProbe(Probe):
     def describe(self, data: AuditData) -> str:
         """The score's meaning."""
         if self.target == "token":
-            return "first answer token decoded (best layer's probe vs the model's output)"
-        return "answer scored above distractors (best layer's probe vs the model's output)"
+            return "first answer token decoded (retain-trained probe vs the model's output)"
+        return "answer scored above distractors (retain-trained probe vs the model's output)"
 
     def run(
         self, base: HookedTransformer, unlearned: HookedTransformer, data: AuditData
     ) -> ProbeScore:
-        """Fits on the base model, reads the unlearned model, compares with both outputs."""
+        """Fits on the base model's retain prompts, reads both models' forget prompts."""
         from unlearnlens.audit.probes import (
             class_accuracy,
             fit_linear_probes,
@@ -477,13 +516,10 @@ class LinearProbe(Probe):
             pairwise_class_accuracy,
         )
 
-        forget = data.forget
-        train = [forget] if data.retain is None else [forget, data.retain]
-        resid = torch.cat(
-            [last_prompt_residuals(base, ps, batch_size=data.batch_size) for ps in train], dim=1
-        )
-        labels = torch.cat([ps.answer_tokens[:, 0] for ps in train])
-        probes = fit_linear_probes(resid, labels, c=self.c, seed=data.seed)
+        forget, retain = data.forget, data.retain
+        assert retain is not None
+        train = last_prompt_residuals(base, retain, batch_size=data.batch_size)
+        probes = fit_linear_probes(train, retain.answer_tokens[:, 0], c=self.c, seed=data.seed)
         label_idx = probes.class_index(forget.answer_tokens[:, 0])
         distractors = [
             probes.class_index(torch.tensor([a[0] for a in p], dtype=torch.long)).tolist()
@@ -501,20 +537,21 @@ class LinearProbe(Probe):
             z = _first_logits(m, forget, data.batch_size)[:, classes]
             return float(read(z[None])[0])
 
-        unl_resid = last_prompt_residuals(unlearned, forget, batch_size=data.batch_size)
-        per_layer = read(probes.scores(unl_resid))
-        base_layers = read(probes.scores(resid[:, : len(forget)]))
-        best = int(per_layer.argmax())
+        def by_layer(m: HookedTransformer) -> torch.Tensor:
+            return read(probes.scores(last_prompt_residuals(m, forget, batch_size=data.batch_size)))
+
+        base_layers, unl_layers = by_layer(base), by_layer(unlearned)
+        layer = int(base_layers.argmax())
         return ProbeScore(
             output(base),
             output(unlearned),
-            float(per_layer[best]),
+            float(unl_layers[layer]),
             details={
-                "best_layer": best,
-                "unlearned_by_layer": per_layer.tolist(),
+                "layer": layer,
                 "base_by_layer": base_layers.tolist(),
+                "unlearned_by_layer": unl_layers.tolist(),
                 "n_classes": len(probes.classes),
-                "n_train": int(labels.shape[0]),
+                "n_train": len(retain),
             },
         )
 
