@@ -299,5 +299,5 @@ def test_checkpoint_dir_that_is_a_file(tmp_path):
 )
 def test_method_options_are_finite_numbers(kw, field):
     model = build_model("gpt2", seed=1)
-    with pytest.raises(ConfigError, match=f"{field}.*an option of method"):
+    with pytest.raises(ConfigError, match=f"option {field}"):
         unlearn(model, PAIRS, **kw)
