@@ -4,7 +4,11 @@
   study on the embedded toy world: trains (or loads from the cache) the base model, unlearns
   one concept with ``grad_diff``, ``npo``, ``dpo`` and ``rmu`` (each with its defaults),
   dissects the four unlearned models (window of 3 layers on the 6-layer toy model), writes
-  the report and prints the summary. It runs torch on one thread by default.
+  the report and prints the summary. It runs torch on one thread by default. It then runs
+  a small suite (``--suite-concepts N``, default 1, none with ``--quick``): the forget
+  concept with the same four models, and ``N - 1`` more concepts unlearned the same way,
+  averaged over concepts and reported in ``OUT/suite/report/``. The full toy suite
+  (8 concepts) is ``unlearnlens suite``.
 * ``unlearnlens dissect --base DIR --unlearned NAME=DIR [NAME=DIR ...] --concepts FILE.json
   [--concept NAME] --out DIR`` runs the study on local checkpoints and one ConceptVectors
   concept: its questions in the study's format, answered by the base model's greedy
