@@ -212,16 +212,10 @@ def _demo(args: argparse.Namespace) -> int:
     check_int(args.threads, "--threads", minimum=1)
     check_writable(args.out, what="--out")
     if args.suite_concepts is None:
-<<<<<<< HEAD
-        args.suite_concepts = 0 if args.quick else 2
-    check_int(args.suite_concepts, "--suite-concepts", minimum=0)
-=======
         # one concept keeps the demo within its time budget on two busy cores; the full
         # toy suite is `unlearnlens suite` (8 concepts)
         args.suite_concepts = 0 if args.quick else 1
-    if args.suite_concepts < 0:
-        raise ConfigError(f"--suite-concepts must be at least 0, got {args.suite_concepts}")
->>>>>>> i10
+    check_int(args.suite_concepts, "--suite-concepts", minimum=0)
     # The toy models are small (width 128): extra intra-op threads barely speed them up, and on
     # a busy machine they slow every small operation down many times over.
     threads = torch.get_num_threads()
