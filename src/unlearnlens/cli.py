@@ -5,7 +5,7 @@
   one concept with ``grad_diff``, ``npo``, ``dpo`` and ``rmu`` (each with its defaults),
   dissects the four unlearned models (window of 3 layers on the 6-layer toy model), writes
   the report and prints the summary. It runs torch on one thread by default. It then runs
-  a small suite (``--suite-concepts N``, default 1, none with ``--quick``): the forget
+  a small suite (``--suite-concepts N``, default 2, none with ``--quick``): the forget
   concept with the same four models, and ``N - 1`` more concepts unlearned the same way,
   averaged over concepts and reported in ``OUT/suite/report/``. The full toy suite
   (8 concepts) is ``unlearnlens suite``.
@@ -212,9 +212,9 @@ def _demo(args: argparse.Namespace) -> int:
     check_int(args.threads, "--threads", minimum=1)
     check_writable(args.out, what="--out")
     if args.suite_concepts is None:
-        # one concept keeps the demo within its time budget on two busy cores; the full
-        # toy suite is `unlearnlens suite` (8 concepts)
-        args.suite_concepts = 0 if args.quick else 1
+        # two concepts (about 45 s more on two cores) keep the demo within its budget; the
+        # full toy suite is `unlearnlens suite` (8 concepts)
+        args.suite_concepts = 0 if args.quick else 2
     check_int(args.suite_concepts, "--suite-concepts", minimum=0)
     # The toy models are small (width 128): extra intra-op threads barely speed them up, and on
     # a busy machine they slow every small operation down many times over.
@@ -568,7 +568,7 @@ def _parser() -> _Parser:
         "--suite-concepts",
         type=int,
         help="concepts in the demo's suite (the forget concept first, with the demo's own models; "
-        "0: no suite; default 1, with --quick 0)",
+        "0: no suite; default 2, with --quick 0)",
     )
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
