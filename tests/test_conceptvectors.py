@@ -76,3 +76,12 @@ def test_keeps_saved_answers_and_warns_on_conflicting_ids(tmp_path):
     path.write_text(json.dumps([_entry("X", answers_tokens_num=["two"])]))
     with pytest.raises(ConceptDataError, match="answers_tokens_num"):
         ul.load_conceptvectors(path)
+
+
+def test_binary_file_is_our_error(tmp_path):
+    from unlearnlens.errors import UnlearnLensError
+
+    path = tmp_path / "cv.json"
+    path.write_bytes(bytes(range(256)) * 4)  # not UTF-8, not JSON
+    with pytest.raises(UnlearnLensError, match=r"cv\.json"):
+        ul.load_conceptvectors(path)

@@ -190,8 +190,10 @@ def load_conceptvectors(path: str | Path) -> list[Concept]:
         raise CheckpointError(f"no ConceptVectors file at {path}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConceptDataError(f"{path} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise ConceptDataError(f"cannot read ConceptVectors file {path}: {e}") from e
     if isinstance(data, dict):  # a single entry, or {"data": [...]}
         data = data.get("data", [data])
     if not isinstance(data, list) or not data:
