@@ -25,7 +25,8 @@ buffers); goal <= 1.15x with the source offloaded.
   ``max_memory_allocated``. Allocator caching and the kernels' internal scratch space are not
   counted on either side.
 
-Time is the best of ``--repeats`` runs of each (not under the accounting mode), interleaved.
+Time is the best of ``--repeats`` runs of each (not under the accounting mode), interleaved,
+after one untimed warm-up run.
 Run: ``python benchmarks/bench_offload.py [--size small|1b] [--device cpu|cuda]
 [--dtype float32|bfloat16] [--batch-size N] [--repeats N] [--threads T]``.
 """
@@ -209,6 +210,7 @@ def main(
             with _offload.forced():
                 return sweep(base)
 
+    resident()  # warm-up (allocator, lazy imports); not timed
     t_res, t_off = Timing(), Timing()
     for _ in range(repeats):  # interleaved, so that both see the same machine
         for timing, fn in ((t_res, resident), (t_off, offloaded)):
