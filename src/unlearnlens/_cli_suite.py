@@ -51,23 +51,14 @@ def add_suite_parser(sub: Any) -> None:
 
 
 def _toy_cases(args: argparse.Namespace, executor: bool) -> tuple[list[Any], int]:
+    from unlearnlens.cli import quick_base
     from unlearnlens.models import save_model
     from unlearnlens.toy import make_world, toy_suite, train_base
 
     progress = not args.no_progress
     if args.quick:
         world = make_world(0, n_concepts=10, n_relations=2, n_capability=8)
-        base = train_base(
-            world,
-            steps=40,
-            n_layers=2,
-            d_model=32,
-            d_head=8,
-            n_heads=4,
-            n_key_value_heads=2,
-            d_mlp=64,
-            progress=progress,
-        )
+        base = quick_base(world, progress)
     else:
         world = make_world(0)
         base = train_base(world, progress=progress)

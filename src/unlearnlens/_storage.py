@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -28,6 +29,8 @@ __all__ = [
     "atomic_directory",
     "atomic_file",
     "check_writable",
+    "decode_floats",
+    "encode_floats",
     "read_json",
     "read_safetensors",
     "read_safetensors_metadata",
@@ -215,6 +218,32 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
 def write_json(path: str | os.PathLike[str], data: Any, *, indent: int | None = 1) -> Path:
     """Writes ``data`` as standard JSON (no NaN literals) atomically; returns the path."""
     return write_text(path, json.dumps(data, indent=indent, allow_nan=False))
+
+
+def encode_floats(value: Any) -> Any:
+    """JSON-ready copy in which non-finite floats become ``{"$float": "nan" | "inf" | "-inf"}``.
+
+    :func:`write_json` refuses NaN literals (they are not standard JSON), so scores that may be
+    NaN or infinite go through this first; dict keys become strings and tuples lists.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"$float": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+    if isinstance(value, dict):
+        return {str(k): encode_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encode_floats(v) for v in value]
+    return value
+
+
+def decode_floats(value: Any) -> Any:
+    """Inverse of :func:`encode_floats`."""
+    if isinstance(value, dict):
+        if set(value) == {"$float"}:
+            return float(value["$float"])
+        return {k: decode_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_floats(v) for v in value]
+    return value
 
 
 def write_safetensors(

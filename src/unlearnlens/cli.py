@@ -226,6 +226,26 @@ def _demo(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
 
 
+def quick_base(world: Any, progress: bool) -> HookedTransformer:
+    """The ``--quick`` toy base model: two narrow layers trained for 40 steps.
+
+    ``demo --quick`` and ``suite --quick`` share it so both finish in seconds on a CPU.
+    """
+    from unlearnlens.toy import train_base
+
+    return train_base(
+        world,
+        steps=40,
+        n_layers=2,
+        d_model=32,
+        d_head=8,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_mlp=64,
+        progress=progress,
+    )
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     import torch
 
@@ -238,17 +258,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     if args.quick:
         world = make_world(0, n_concepts=6, n_relations=2, n_capability=8)
-        base = train_base(
-            world,
-            steps=40,
-            n_layers=2,
-            d_model=32,
-            d_head=8,
-            n_heads=4,
-            n_key_value_heads=2,
-            d_mlp=64,
-            progress=progress,
-        )
+        base = quick_base(world, progress)
         steps: int | None = 2
         analyses: tuple[str, ...] | None = (
             "behaviour",

@@ -198,6 +198,28 @@ def _run_device(model: HookedTransformer, device: object) -> torch.device | None
     return _offload.offload_device(model, wanted)
 
 
+def _read_batches(
+    model: HookedTransformer,
+    ps: PromptSet,
+    sel: PositionSelection,
+    names: list[str],
+    stop: int,
+    batch_size: int | None,
+    progress: bool | None,
+    run_on: torch.device | None,
+    desc: str,
+) -> Iterator[tuple[dict[str, Tensor], Bool[Tensor, "batch pos"]]]:
+    """Per batch, the hooks ``names`` at the selected positions and the mask of real slots.
+
+    Each forward pass stops at layer ``stop`` (one past the last hooked layer), so no
+    unembedding is computed.
+    """
+    for rows, chunk in prompt_batches(ps, batch_size, progress, desc):
+        part = sel[rows]
+        acts = capture(model, chunk, names, part.positions, stop_at_layer=stop, device=run_on)
+        yield acts, part.mask
+
+
 # ------------------------------------------------------------------------------- read-out
 
 
@@ -245,19 +267,13 @@ def mlp_coefficients(
     layer_list, ps, sel, names = _prepare(model, prompts, layers, positions)
     run_on = _run_device(model, device)
     out: list[Tensor] = []
+    stop = max(layer_list) + 1
+    desc = "mlp coefficients"
+    batches = _read_batches(model, ps, sel, names, stop, batch_size, progress, run_on, desc)
     with preserved(model):
-        for rows, chunk in prompt_batches(ps, batch_size, progress, "mlp coefficients"):
-            part = sel[rows]
-            acts = capture(
-                model,
-                chunk,
-                names,
-                part.positions,
-                stop_at_layer=max(layer_list) + 1,
-                device=run_on,
-            )
+        for acts, mask in batches:
             coef = torch.stack([acts[name] for name in names])
-            out.append(coef * part.mask.to(coef.device)[None, :, :, None])
+            out.append(coef * mask.to(coef.device)[None, :, :, None])
     return torch.cat(out, dim=1)
 
 
@@ -333,18 +349,12 @@ def mlp_coefficient_stats(
     dev = model.cfg.device if run_on is None else run_on
     s1, s_abs, s2 = (torch.zeros(shape, dtype=torch.float64, device=dev) for _ in range(3))
     count = 0
+    stop = max(layer_list) + 1
+    desc = "mlp coefficient stats"
+    batches = _read_batches(model, ps, sel, names, stop, batch_size, progress, run_on, desc)
     with preserved(model):
-        for rows, chunk in prompt_batches(ps, batch_size, progress, "mlp coefficient stats"):
-            part = sel[rows]
-            acts = capture(
-                model,
-                chunk,
-                names,
-                part.positions,
-                stop_at_layer=max(layer_list) + 1,
-                device=run_on,
-            )
-            mask = part.mask.to(dev)
+        for acts, real in batches:
+            mask = real.to(dev)
             for i, name in enumerate(names):
                 c = acts[name].to(dev)[mask].double()  # [n_real, d_mlp]
                 s1[i] += c.sum(0)

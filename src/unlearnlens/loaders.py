@@ -32,6 +32,18 @@ __all__ = ["load_pairs", "load_tofu", "load_wmdp", "wmdp_prompt"]
 Pair = tuple[str, str]
 
 
+def _json(text: str, path: Path, line: int | None = None) -> Any:
+    """``text`` parsed as JSON; a parse error is a DataFileError naming the file and line.
+
+    ``line`` is the line of a JSONL file that ``text`` is; without it, the parser's own line.
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        number = exc.lineno if line is None else line
+        raise DataFileError(f"{str(path)!r}, line {number}: not valid JSON ({exc.msg})") from None
+
+
 def _records(path: str | Path, what: str) -> Iterator[tuple[str, Any]]:
     """Yields ``(where, record)`` for each record of a JSON list, JSONL or CSV file."""
     path = Path(path)
@@ -51,12 +63,7 @@ def _records(path: str | Path, what: str) -> Iterator[tuple[str, Any]]:
         return
     stripped = text.lstrip()
     if suffix == ".json" or (stripped.startswith(("[", "{")) and suffix != ".jsonl"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataFileError(
-                f"{str(path)!r}, line {exc.lineno}: not valid JSON ({exc.msg})"
-            ) from None
+        data = _json(text, path)
         if isinstance(data, dict):  # {"data": [...]} or one record
             data = data.get("data", [data])
         if not isinstance(data, list):
@@ -67,13 +74,7 @@ def _records(path: str | Path, what: str) -> Iterator[tuple[str, Any]]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataFileError(
-                f"{str(path)!r}, line {number}: not valid JSON ({exc.msg})"
-            ) from None
-        yield f"{path}, line {number}", record
+        yield f"{path}, line {number}", _json(line, path, number)
 
 
 def _field(record: Any, names: tuple[str, ...], where: str, kind: type = str) -> Any:

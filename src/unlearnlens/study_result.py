@@ -17,6 +17,8 @@ import torch
 
 from unlearnlens._storage import (
     atomic_directory,
+    decode_floats,
+    encode_floats,
     read_json,
     read_safetensors,
     write_json,
@@ -57,54 +59,32 @@ _REPORT_JSON = "results.json"
 # ------------------------------------------------------------------------------ JSON helpers
 
 
-def _enc(value: Any) -> Any:
-    """JSON-ready copy in which non-finite floats become ``{"$float": "nan" | "inf" | "-inf"}``."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return {"$float": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
-    if isinstance(value, dict):
-        return {str(k): _enc(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_enc(v) for v in value]
-    return value
-
-
-def _dec(value: Any) -> Any:
-    """Inverse of :func:`_enc`."""
-    if isinstance(value, dict):
-        if set(value) == {"$float"}:
-            return float(value["$float"])
-        return {k: _dec(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_dec(v) for v in value]
-    return value
-
-
 def _tensor_json(t: torch.Tensor) -> dict[str, Any]:
     """A float32 tensor as exact JSON: float32 values are exact as Python floats."""
     return {
         "dtype": str(t.dtype).removeprefix("torch."),
         "shape": list(t.shape),
-        "data": _enc(t.flatten().tolist()),
+        "data": encode_floats(t.flatten().tolist()),
     }
 
 
 def _tensor_from_json(data: Mapping[str, Any]) -> torch.Tensor:
     dtype = getattr(torch, data["dtype"])
-    return torch.tensor(_dec(data["data"]), dtype=dtype).reshape(data["shape"])
+    return torch.tensor(decode_floats(data["data"]), dtype=dtype).reshape(data["shape"])
 
 
 def _frame_json(frame: pd.DataFrame) -> dict[str, Any]:
     return {
         "columns": [str(c) for c in frame.columns],
         "dtypes": [str(frame[c].dtype) for c in frame.columns],
-        "data": _enc(frame.to_numpy(dtype=object).tolist()),
+        "data": encode_floats(frame.to_numpy(dtype=object).tolist()),
     }
 
 
 def _frame_from_json(data: Mapping[str, Any]) -> pd.DataFrame:
     import pandas as pd
 
-    rows = _dec(data["data"])
+    rows = decode_floats(data["data"])
     frame = (
         pd.DataFrame(rows, columns=data["columns"])
         if rows
@@ -154,8 +134,8 @@ class CoefficientTables:
             "layers": _frame_json(self.layers),
             "top_by_logit": _frame_json(self.top_by_logit),
             "top_by_coefficient": _frame_json(self.top_by_coefficient),
-            "base_logit": _enc(self.base_logit),
-            "unlearned_logit": _enc(self.unlearned_logit),
+            "base_logit": encode_floats(self.base_logit),
+            "unlearned_logit": encode_floats(self.unlearned_logit),
         }
 
     @classmethod
@@ -165,8 +145,8 @@ class CoefficientTables:
             layers=_frame_from_json(data["layers"]),
             top_by_logit=_frame_from_json(data["top_by_logit"]),
             top_by_coefficient=_frame_from_json(data["top_by_coefficient"]),
-            base_logit=float(_dec(data["base_logit"])),
-            unlearned_logit=float(_dec(data["unlearned_logit"])),
+            base_logit=float(decode_floats(data["base_logit"])),
+            unlearned_logit=float(decode_floats(data["unlearned_logit"])),
         )
 
     def __eq__(self, other: object) -> bool:
@@ -257,7 +237,7 @@ class StudyResult:
         return {
             "format": _FORMAT,
             "methods": self.methods,
-            "meta": _enc(self.meta),
+            "meta": encode_floats(self.meta),
             "evaluation": None if self.evaluation is None else self.evaluation.to_json_dict(),
             "coefficients": {k: v.to_json_dict() for k, v in self.coefficients.items()},
             "sweeps": {
@@ -273,7 +253,7 @@ class StudyResult:
 
         def sweep(r: SweepResult, _key: str) -> dict[str, Any]:
             return {
-                "header": _enc(r.to_json_dict()),
+                "header": encode_floats(r.to_json_dict()),
                 "tensors": {k: _tensor_json(t) for k, t in r.tensors().items()},
             }
 
@@ -293,7 +273,7 @@ class StudyResult:
                 k: CoefficientTables.from_json_dict(v) for k, v in data["coefficients"].items()
             },
             base_lens=None if data["base_lens"] is None else sweep(data["base_lens"]),
-            meta=_dec(data["meta"]),
+            meta=decode_floats(data["meta"]),
             audit=None if data.get("audit") is None else AuditResult.from_json_dict(data["audit"]),
         )
 
@@ -307,7 +287,7 @@ class StudyResult:
 
         def sweep(entry: Mapping[str, Any]) -> SweepResult:
             tensors = {k: _tensor_from_json(t) for k, t in entry["tensors"].items()}
-            return SweepResult.from_parts(_dec(entry["header"]), tensors)
+            return SweepResult.from_parts(decode_floats(entry["header"]), tensors)
 
         return cls._from_header(data, sweep)
 
@@ -355,7 +335,7 @@ class StudyResult:
             for name, t in r.tensors().items():
                 tensors[f"{key}.{name}"] = t
                 names[name] = f"{key}.{name}"
-            return {"header": _enc(r.to_json_dict()), "tensors": names}
+            return {"header": encode_floats(r.to_json_dict()), "tensors": names}
 
         header = self._header(sweep)
         with atomic_directory(directory, keep_others=True) as tmp:
@@ -378,7 +358,8 @@ class StudyResult:
 
             def sweep(entry: Mapping[str, Any]) -> SweepResult:
                 return SweepResult.from_parts(
-                    _dec(entry["header"]), {k: stored[v] for k, v in entry["tensors"].items()}
+                    decode_floats(entry["header"]),
+                    {k: stored[v] for k, v in entry["tensors"].items()},
                 )
 
             return _parsed(directory / _JSON_FILE, lambda: cls._from_header(data, sweep))
@@ -403,8 +384,8 @@ class StudyResult:
             and self.coefficients == other.coefficients
             and self.base_lens == other.base_lens
             and self.audit == other.audit
-            and json.dumps(_enc(self.meta), sort_keys=True)
-            == json.dumps(_enc(other.meta), sort_keys=True)
+            and json.dumps(encode_floats(self.meta), sort_keys=True)
+            == json.dumps(encode_floats(other.meta), sort_keys=True)
         )
 
     __hash__ = None  # type: ignore[assignment]

@@ -29,9 +29,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from unlearnlens._storage import atomic_directory, read_json, write_json
+from unlearnlens._storage import (
+    atomic_directory,
+    decode_floats,
+    encode_floats,
+    read_json,
+    write_json,
+)
 from unlearnlens.errors import FileFormatError
-from unlearnlens.study_result import SWEEPS, StudyResult, _enc
+from unlearnlens.study_result import SWEEPS, StudyResult
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -76,7 +82,9 @@ def read_unit(folder: Path) -> tuple[StudyResult, dict[str, Any]] | None:
 
 def write_suite_file(out: str | Path, meta: dict[str, Any], cases: list[dict[str, Any]]) -> None:
     """Writes ``suite.json``: the settings and the cases (concept, methods) in order."""
-    write_json(Path(out) / _SUITE_FILE, {"format": _FORMAT, "meta": _enc(meta), "cases": cases})
+    write_json(
+        Path(out) / _SUITE_FILE, {"format": _FORMAT, "meta": encode_floats(meta), "cases": cases}
+    )
 
 
 def _bootstrap(
@@ -247,7 +255,6 @@ class SuiteResult:
         data = read_json(directory / _SUITE_FILE, what="suite file")
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
             raise FileFormatError(f"{str(directory / _SUITE_FILE)!r} is not a saved suite")
-        from unlearnlens.study_result import _dec
 
         results: dict[str, dict[str, StudyResult]] = {}
         seconds: dict[str, dict[str, float]] = {}
@@ -266,7 +273,7 @@ class SuiteResult:
                 results.setdefault(concept, {})[method] = study
                 if marker.get("seconds") is not None:
                     seconds.setdefault(concept, {})[method] = float(marker["seconds"])
-        return cls(results=results, meta=_dec(data["meta"]), seconds=seconds)
+        return cls(results=results, meta=decode_floats(data["meta"]), seconds=seconds)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SuiteResult):
@@ -275,8 +282,8 @@ class SuiteResult:
             self.concepts == other.concepts
             and all(list(self.results[c]) == list(other.results[c]) for c in self.concepts)
             and self.results == other.results
-            and json.dumps(_enc(self.meta), sort_keys=True)
-            == json.dumps(_enc(other.meta), sort_keys=True)
+            and json.dumps(encode_floats(self.meta), sort_keys=True)
+            == json.dumps(encode_floats(other.meta), sort_keys=True)
         )
 
     __hash__ = None  # type: ignore[assignment]

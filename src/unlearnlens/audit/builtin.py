@@ -75,6 +75,26 @@ def _gap(base: HookedTransformer, unlearned: HookedTransformer, ps: PromptSet, d
     )
 
 
+def _other_prompts(
+    probe: InContextProbe | ParaphraseProbe,
+    base: HookedTransformer,
+    unlearned: HookedTransformer,
+    data: AuditData,
+    key: str,
+) -> ProbeScore:
+    """The forget gap, then both models on the probe's own prompts for the same facts.
+
+    The unlearned model's score on those prompts is the attack; the base model's goes into
+    ``details[key]`` so a report can tell a prompt that helps any model from one that undoes
+    the unlearning.
+    """
+    b, u = _gap(base, unlearned, data.forget, data)
+    ps = probe._prompts(base, data)
+    attacked = knowledge(unlearned, ps, data.metric, data.batch_size)
+    base_other = knowledge(base, ps, data.metric, data.batch_size)
+    return ProbeScore(b, u, attacked, details={key: base_other})
+
+
 # ------------------------------------------------------------------------------ metrics
 
 
@@ -392,11 +412,7 @@ class InContextProbe(Probe):
         self, base: HookedTransformer, unlearned: HookedTransformer, data: AuditData
     ) -> ProbeScore:
         """Scores the unlearned model on the few-shot prompts."""
-        b, u = _gap(base, unlearned, data.forget, data)
-        ps = self._prompts(base, data)
-        attacked = knowledge(unlearned, ps, data.metric, data.batch_size)
-        base_icl = knowledge(base, ps, data.metric, data.batch_size)
-        return ProbeScore(b, u, attacked, details={"base_in_context": base_icl})
+        return _other_prompts(self, base, unlearned, data, "base_in_context")
 
 
 @dataclass(frozen=True)
@@ -422,11 +438,7 @@ class ParaphraseProbe(Probe):
         self, base: HookedTransformer, unlearned: HookedTransformer, data: AuditData
     ) -> ProbeScore:
         """Scores the unlearned model on the rephrased prompts."""
-        b, u = _gap(base, unlearned, data.forget, data)
-        ps = self._prompts(base, data)
-        attacked = knowledge(unlearned, ps, data.metric, data.batch_size)
-        base_para = knowledge(base, ps, data.metric, data.batch_size)
-        return ProbeScore(b, u, attacked, details={"base_rephrased": base_para})
+        return _other_prompts(self, base, unlearned, data, "base_rephrased")
 
 
 @dataclass(frozen=True)

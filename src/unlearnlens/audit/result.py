@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from unlearnlens._storage import read_json, write_json
+from unlearnlens._storage import decode_floats, encode_floats, read_json, write_json
 from unlearnlens.errors import FileFormatError
 
 if TYPE_CHECKING:
@@ -18,26 +18,6 @@ __all__ = ["AuditResult", "AuditRow"]
 
 _FORMAT = "unlearnlens.AuditResult/1"
 COLUMNS = ("kind", "metric", "base", "unlearned", "attacked", "recovered")
-
-
-def _enc(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return {"$float": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
-    if isinstance(value, dict):
-        return {str(k): _enc(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_enc(v) for v in value]
-    return value
-
-
-def _dec(value: Any) -> Any:
-    if isinstance(value, dict):
-        if set(value) == {"$float"}:
-            return float(value["$float"])
-        return {k: _dec(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_dec(v) for v in value]
-    return value
 
 
 def _same(a: float, b: float) -> bool:
@@ -82,7 +62,7 @@ class AuditRow:
 
     def to_json_dict(self) -> dict[str, Any]:
         """JSON-ready data (non-finite floats as ``{"$float": ...}``)."""
-        return _enc(
+        return encode_floats(
             {
                 "method": self.method,
                 "probe": self.probe,
@@ -98,7 +78,7 @@ class AuditRow:
     @classmethod
     def from_json_dict(cls, data: dict[str, Any]) -> AuditRow:
         """Inverse of :meth:`to_json_dict`."""
-        d = _dec(data)
+        d = decode_floats(data)
         return cls(
             method=str(d["method"]),
             probe=str(d["probe"]),
@@ -124,7 +104,7 @@ class AuditRow:
                     (self.attacked, other.attacked),
                 ]
             )
-            and _enc(self.details) == _enc(other.details)
+            and encode_floats(self.details) == encode_floats(other.details)
         )
 
     __hash__ = None  # type: ignore[assignment]
@@ -225,7 +205,7 @@ class AuditResult:
         return {
             "format": _FORMAT,
             "rows": [r.to_json_dict() for r in self.rows],
-            "meta": _enc(self.meta),
+            "meta": encode_floats(self.meta),
         }
 
     @classmethod
@@ -242,7 +222,7 @@ class AuditResult:
             rows = tuple(AuditRow.from_json_dict(r) for r in data["rows"])
         except (KeyError, TypeError, ValueError) as e:
             raise FileFormatError(f"{what} has a malformed row: {e}") from None
-        return cls(rows=rows, meta=_dec(data.get("meta", {})))
+        return cls(rows=rows, meta=decode_floats(data.get("meta", {})))
 
     def save(self, path: str | Path) -> Path:
         """Writes the result as one JSON file (atomically); returns the path."""
@@ -262,7 +242,7 @@ class AuditResult:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, AuditResult):
             return NotImplemented
-        return self.rows == other.rows and _enc(self.meta) == _enc(other.meta)
+        return self.rows == other.rows and encode_floats(self.meta) == encode_floats(other.meta)
 
     __hash__ = None  # type: ignore[assignment]
 
