@@ -155,7 +155,7 @@ def test_bad_input_is_refused_before_any_work(models, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("work started")
 
-    monkeypatch.setattr(study_module, "tqdm", forbidden)
+    monkeypatch.setattr(study_module, "bar", forbidden)
     with pytest.raises(
         ConfigError, match=r"unknown analysis 'patching'.*valid analyses: behaviour"
     ):

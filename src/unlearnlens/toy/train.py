@@ -359,7 +359,7 @@ def _fit(
     perm, cursor = torch.randperm(n_qa, generator=order_gen), 0
     model.train()
     pbar = bar(range(cfg.steps), progress=progress, desc="training toy base model", leave=False)
-    for step in bar:
+    for step in pbar:
         if cursor + cfg.batch_size > n_qa:
             perm, cursor = torch.randperm(n_qa, generator=order_gen), 0
         idx = perm[cursor : cursor + min(cfg.batch_size, n_qa)]
