@@ -104,8 +104,8 @@ def _krs_curves(study: StudyResult, directory: Path) -> tuple[str, list[str]] | 
                 r.axes["layer"], r.scores.numpy(), marker="o", ms=3.5, color=f"C{i}", label=method
             )
         if metric == "krs":
-            ax.axhline(0.0, color="grey", ls=":", lw=1)
-            ax.axhline(1.0, color="black", ls="--", lw=1)
+            ax.axhline(0.0, color="grey", ls=":", lw=1, label="unlearned model (0)")
+            ax.axhline(1.0, color="black", ls="--", lw=1, label="base model (1)")
         ax.set_title(analysis, fontsize=10)
         _integer_ticks(ax)
         ax.set_xlabel("layer (window centre)")
