@@ -137,3 +137,25 @@ def test_bad_variants_are_refused_before_any_work(pair):
         )
     with pytest.raises(ul.ConfigError, match="leave layers"):
         ul.patch(base, unlearned, PAIRS, hooks="attn_out", window=3, variants=[dict(layers=1)])
+
+
+def test_the_models_are_compared_once_per_sweep(pair, monkeypatch):
+    import unlearnlens.models as models
+
+    base, unlearned = pair
+    calls = []
+    real = models.check_compatible
+
+    def counting(a, b):
+        calls.append(1)
+        return real(a, b)
+
+    monkeypatch.setattr(models, "check_compatible", counting)
+    variants = [dict(layers=[i], components="mlp.W_out") for i in range(3)]
+    ul.restore_sweep(base, unlearned, PAIRS, variants=variants, progress=False)
+    assert len(calls) == 1
+    ul.restore_sweep(base, unlearned, PAIRS, window=3, progress=False)
+    assert len(calls) == 2
+    with ul.restored(base, unlearned, layers=[0]):
+        pass
+    assert len(calls) == 3

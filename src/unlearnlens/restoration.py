@@ -60,10 +60,11 @@ Components = str | Iterable[str]
 def _pairs(
     source: HookedTransformer, target: HookedTransformer, layers: Layers, components: Components
 ) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
-    """``(name, target parameter, source parameter)`` for the selection, after every check."""
-    from unlearnlens.models import check_compatible
+    """``(name, target parameter, source parameter)`` for the selection, after every check.
 
-    check_compatible(source, target)
+    The caller has checked that the models are compatible
+    (:func:`~unlearnlens.models.check_compatible`).
+    """
     if isinstance(components, str):
         components = (components,)
     else:
@@ -228,8 +229,11 @@ def restored(
         IncompatibleModelsError: The models differ in architecture, tokenizer or the shape of
             a selected parameter.
     """
+    from unlearnlens.models import check_compatible
+
     check_models(base, unlearned, "restored")
     check_order(base, unlearned, function="restored", changes_target=True)
+    check_compatible(base, unlearned)
     return Restoration(_pairs(base, unlearned, layers, components), model=unlearned)
 
 
@@ -254,8 +258,11 @@ def restore_(
         ArgumentOrderError, ComponentError, LayerError, IncompatibleModelsError: As
             :func:`restored`; nothing is changed.
     """
+    from unlearnlens.models import check_compatible
+
     check_models(base, unlearned, "restore_")
     check_order(base, unlearned, function="restore_", changes_target=True)
+    check_compatible(base, unlearned)
     restoration = Restoration(_pairs(base, unlearned, layers, components))
     restoration.__enter__()
     restoration._saved = None  # keep the source's weights: drop the saved originals
@@ -382,7 +389,7 @@ def restore_sweep(
     ps = prepare(base, unlearned, prompts, "restore_sweep", bound)
     n_layers = unlearned.cfg.n_layers
     windows = [_restored_layers(mode, c, window, n_layers) for c in centres]
-    # Every check (models, shapes) once, before any work; each run then swaps its own subset.
+    # Every check (shapes) once, before any work; each run then swaps its own subset.
     union = sorted({layer for w in windows for layer in w})
     pairs = _pairs(base, unlearned, union, names)
     runs = [_variant(unlearned, pairs, w, names) for w in windows]
