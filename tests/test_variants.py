@@ -159,3 +159,27 @@ def test_the_models_are_compared_once_per_sweep(pair, monkeypatch):
     with ul.restored(base, unlearned, layers=[0]):
         pass
     assert len(calls) == 3
+
+
+def test_variants_get_the_same_checks_before_work_as_the_sweep(pair, monkeypatch):
+    import copy
+
+    from transformer_lens import HookedTransformer
+
+    base, unlearned = pair
+    twin = copy.deepcopy(base)
+    b, u = copy.deepcopy(base), copy.deepcopy(unlearned)
+    u.set_use_attn_result(True)
+
+    def forward(*args, **kwargs):
+        raise AssertionError("a forward pass ran before the input was refused")
+
+    monkeypatch.setattr(HookedTransformer, "forward", forward)
+    one = [dict(layers=1)]
+    for metric in ("krs", "recovery"):
+        with pytest.raises(ul.IncompatibleModelsError, match="undefined"):
+            ul.restore_sweep(base, twin, PAIRS, variants=one, metric=metric, progress=False)
+        with pytest.raises(ul.IncompatibleModelsError, match="undefined"):
+            ul.patch(base, twin, PAIRS, hooks="attn_out", variants=one, metric=metric)
+    with pytest.raises(ul.HookError, match="on the source model but never fires"):
+        ul.patch(b, u, PAIRS, hooks="attn.hook_result", variants=one, progress=False)

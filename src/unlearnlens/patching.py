@@ -337,9 +337,11 @@ def _patch_variants(
                 f"patch: variant {name!r} has positions={where!r}; one of {allowed} is needed"
             )
         chosen = sorted(set(check_layers(target, entry["layers"])))
-        resolved.append((name, chosen, resolve_hooks(target, wanted), where))
+        hook_names = resolve_hooks(target, wanted)
+        resolve_hooks(source, wanted, what="the source model")
+        resolved.append((name, chosen, hook_names, where))
     bound = resolve_metric(metric)
-    ps = prepare(source, target, prompts, "patch")
+    ps = prepare(source, target, prompts, "patch", bound)
     runs = []
     for _, chosen, hook_names, where in resolved:
         mask = None if where == "all" else ps.position_mask(where)

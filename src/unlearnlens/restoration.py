@@ -462,7 +462,7 @@ def _restore_variants(
         chosen = check_layers(unlearned, entry["layers"])
         resolved.append((name, sorted(set(chosen)), names))
     bound = resolve_metric(metric)
-    ps = prepare(base, unlearned, prompts, "restore_sweep")
+    ps = prepare(base, unlearned, prompts, "restore_sweep", bound)
     runs = [
         _variant(unlearned, _pairs(base, unlearned, chosen, names), chosen, names)
         for _, chosen, names in resolved
