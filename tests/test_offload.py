@@ -163,6 +163,25 @@ def test_the_unembedding_streams_a_slice_at_a_time():
     assert torch.allclose(got, want, atol=TOL, rtol=0)
 
 
+def test_the_streamed_unembedding_applies_the_final_norm_and_the_soft_cap():
+    from unlearnlens.runner import unembed
+
+    cfg = dataclasses.replace(tiny_config("llama", d_vocab=3000), output_logits_soft_cap=2.0)
+    model = HookedTransformer(cfg)
+    x = 4 * torch.randn(3, 5, cfg.d_model)
+    before = _snapshot(model)
+    with torch.no_grad():
+        logits = model.unembed(model.ln_final(x))
+        want = 2.0 * torch.tanh(logits / 2.0)
+        assert float((logits - want).abs().max()) > 0.1  # the cap changes these logits
+        got = unembed(model, x, CPU)
+        resident = unembed(model, x)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=TOL, rtol=0)
+    assert torch.allclose(resident, want, atol=TOL, rtol=0)
+    _assert_same(model, before)
+
+
 def test_offload_device_follows_where_the_tensors_live():
     model = build_model("gpt2", seed=1)
     assert _offload.offload_device(model, CPU) is None

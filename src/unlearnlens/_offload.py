@@ -30,7 +30,6 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
-from transformer_lens.utilities import apply_softcap
 
 from unlearnlens.errors import ConfigError
 
@@ -190,8 +189,6 @@ def logits(
     model: HookedTransformer,
     x: Float[Tensor, "batch pos d_model"],
     device: torch.device,
-    *,
-    soft_cap: bool = False,
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """``model.unembed(x)`` on ``device``, with ``W_U`` copied there a slice at a time.
 
@@ -203,8 +200,6 @@ def logits(
         model: The model whose unembedding to apply.
         x: The final norm's output, on ``device``.
         device: Where to compute.
-        soft_cap: Apply the model's logit soft-cap and return float32 (as
-            :func:`unlearnlens.runner.unembed` does).
     """
     u = model.unembed
     x = u.hook_in(x.to(device))
@@ -217,10 +212,7 @@ def logits(
         b = b_u[lo : lo + width].to(device, copy=True)
         parts.append(torch.nn.functional.linear(x, w.T, b))
         del w, b
-    out = u.hook_out(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0])
-    if soft_cap:
-        out = apply_softcap(out, model.cfg.output_logits_soft_cap).float()
-    return out
+    return u.hook_out(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0])
 
 
 def run_blocks(

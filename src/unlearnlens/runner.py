@@ -74,19 +74,28 @@ def gather_targets(
 
 
 def unembed(
-    model: HookedTransformer, resid: Float[Tensor, "batch answer d_model"]
+    model: HookedTransformer,
+    resid: Float[Tensor, "batch answer d_model"],
+    device: torch.device | None = None,
 ) -> Float[Tensor, "batch answer d_vocab"]:
     """Final norm, unembedding and logit soft-cap of a final residual stream, in float32.
 
     The final norm works per position, so applying it to a few gathered positions gives the
-    same numbers as applying it everywhere.
+    same numbers as applying it everywhere. With ``device`` (a model run block by block
+    there), the final norm's weights are copied there for the call and ``W_U`` is streamed
+    there a slice at a time (:func:`unlearnlens._offload.logits`).
     """
-    if model.cfg.normalization_type is not None:
-        resid = model.ln_final(resid)
-    # Unembed's own computation (hooks included) without its per-call contiguous copy of
-    # ``W_U.T``: a d_model x d_vocab copy that costs more than the product at a few positions.
-    u = model.unembed
-    logits = u.hook_out(torch.nn.functional.linear(u.hook_in(resid), u.W_U.T, u.b_U))
+    with _offload.moved(device, *_offload.final_norm(model)):
+        if model.cfg.normalization_type is not None:
+            resid = model.ln_final(resid)
+    if device is None:
+        # Unembed's own computation (hooks included) without its per-call contiguous copy of
+        # ``W_U.T``: a d_model x d_vocab copy that costs more than the product at a few
+        # positions.
+        u = model.unembed
+        logits = u.hook_out(torch.nn.functional.linear(u.hook_in(resid), u.W_U.T, u.b_U))
+    else:
+        logits = _offload.logits(model, resid, device)
     return apply_softcap(logits, model.cfg.output_logits_soft_cap).float()
 
 
@@ -268,11 +277,7 @@ def _source_run(
 
     with source.hooks(fwd_hooks=[(name, keep) for name in sorted(names)]):
         resid = _offload.run_blocks(source, tokens, mask, device=offload, stop_at_layer=n_layers)
-    final = gather_targets(resid, chunk)
-    with _offload.moved(offload, *_offload.final_norm(source)):
-        if source.cfg.normalization_type is not None:
-            final = source.ln_final(final)
-    return _offload.logits(source, final, offload, soft_cap=True), acts
+    return unembed(source, gather_targets(resid, chunk), offload), acts
 
 
 def _clean_runs(
