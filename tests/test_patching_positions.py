@@ -113,3 +113,20 @@ def test_dissect_plots_answer_aligned_positions(model_pair):
     r = study.sweeps["unlearned"]["patch_resid"]
     assert r.axes["pos"][0].startswith("prompt-") and "answer+0" in r.axes["pos"]
     assert r.meta["align"] == "answer"
+
+
+def test_each_variants_first_position_is_found_once_per_chunk(model_pair, monkeypatch):
+    from unlearnlens import runner
+
+    base, unlearned = model_pair
+    calls = []
+    real = runner._first_position
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(runner, "_first_position", counting)
+    res = ul.patch_residual(base, unlearned, PAIRS, positions="each", batch_size=2, progress=False)
+    n_chunks = math.ceil(len(PAIRS) / 2)
+    assert len(calls) == res.scores.numel() * n_chunks

@@ -473,21 +473,22 @@ def _run_group(
 
 
 def _groups(
-    variants: Sequence[Variant], chunk: PromptSet, rows: slice, n_layers: int, max_rows: int
+    variants: Sequence[Variant], firsts: Sequence[int], n_rows: int, n_layers: int, max_rows: int
 ) -> Iterator[tuple[list[int], int, int]]:
     """Variant indices to run together: ``(indices, lowest start layer, first position)``.
 
-    Patch-only variants that share a first position are stacked (sorted by start layer), at
-    most ``max_rows`` rows at a time; a variant with a context (changed weights) runs alone.
+    ``firsts`` holds each variant's first position on the chunk (:func:`_first_position`),
+    ``n_rows`` the chunk's prompts. Patch-only variants that share a first position are
+    stacked (sorted by start layer), at most ``max_rows`` rows at a time; a variant with a
+    context (changed weights) runs alone.
     """
     keyed: dict[int, list[int]] = {}
-    for i, v in enumerate(variants):
-        first = _first_position(v, chunk, rows)
+    for i, (v, first) in enumerate(zip(variants, firsts)):
         if v.context is not None or v.mlp_out_only:
             yield [i], _start_layer(v, n_layers), first
         else:
             keyed.setdefault(first, []).append(i)
-    per_pass = max(1, max_rows // len(chunk))
+    per_pass = max(1, max_rows // n_rows)
     for first, idx in keyed.items():
         idx = sorted(idx, key=lambda i: _start_layer(variants[i], n_layers))
         for k in range(0, len(idx), per_pass):
@@ -544,20 +545,24 @@ def run_variants(
     reference = torch.empty(len(prompts))
     left_out = torch.zeros(len(prompts), dtype=torch.bool)
 
+    mid = [_mid_block_start(v, target.cfg) for v in variants]
+    mids = frozenset(_start_layer(v, n_layers) for v, m in zip(variants, mid) if m)
+    starts = {_start_layer(v, n_layers) for v, m in zip(variants, mid) if not m}
+    # Per chunk: each variant's first changed position, whether the target's keys and values
+    # are needed (a run that starts after position 0), and the passes that run the variants.
+    firsts = [[_first_position(v, chunk, sl) for v in variants] for sl, chunk in chunks]
+    wants_kv = [any(f > 0 for f in row) for row in firsts]
+    plan = [
+        list(_groups(variants, row, len(chunk), n_layers, rows_per_pass))
+        for (_, chunk), row in zip(chunks, firsts)
+    ]
+
     with preserved(source, target):
         # Clean runs first: the metric and its references are checked before any sweep work.
         # With one chunk, its caches are kept for the sweep; otherwise they are rebuilt per chunk.
         keep = len(chunks) == 1
-        needs, cleans, refs = [], [], []
-        for sl, chunk in chunks:
-            mids = frozenset(
-                _start_layer(v, n_layers) for v in variants if _mid_block_start(v, target.cfg)
-            )
-            starts = {
-                _start_layer(v, n_layers) for v in variants if not _mid_block_start(v, target.cfg)
-            }
-            want_kv = any(_first_position(v, chunk, sl) > 0 for v in variants)
-            needs.append((starts, want_kv, mids))
+        cleans, refs = [], []
+        for (_, chunk), want_kv in zip(chunks, wants_kv):
             if keep:
                 clean = _clean_runs(
                     source, target, chunk, source_hooks, starts, want_kv, mids, offload
@@ -583,12 +588,9 @@ def run_variants(
                 ]
             )
 
-        plan = [list(_groups(variants, chunk, sl, n_layers, rows_per_pass)) for sl, chunk in chunks]
         pbar = bar(total=sum(len(p) for p in plan), progress=progress, desc=desc, leave=False)
         try:
-            for (sl, chunk), groups, clean, (starts, want_kv, mids) in zip(
-                chunks, plan, cleans, needs
-            ):
+            for (sl, chunk), groups, clean, want_kv in zip(chunks, plan, cleans, wants_kv):
                 if clean is None:
                     clean = _clean_runs(
                         source, target, chunk, source_hooks, starts, want_kv, mids, offload
