@@ -132,3 +132,11 @@ def test_an_interrupt_while_the_originals_are_back_leaves_the_restoration_in_pla
         assert all(torch.equal(v, inside[k]) for k, v in unlearned.state_dict().items())
         assert torch.equal(unlearned.blocks[3].mlp.W_out, base.blocks[3].mlp.W_out)
     assert all(torch.equal(v, own[k]) for k, v in unlearned.state_dict().items())
+
+
+def test_a_bad_batch_size_is_refused_not_replaced(pair):
+    base, unlearned = pair
+    with ul.restored(base, unlearned, layers=[-1]):
+        for bad in (0, -1, True):
+            with pytest.raises(ul.ConfigError, match="batch_size"):
+                ul.score(base, unlearned, PAIRS, metric="answer_logprob", batch_size=bad)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from unlearnlens._checks import check_batch_size
 from unlearnlens._guard import preserved
 from unlearnlens._progress import bar
 from unlearnlens._roles import check_models
@@ -96,11 +97,13 @@ def score(
             ``original`` and no active restoration in ``unlearned``).
         IncompatibleModelsError: The models differ in architecture or tokenizer.
         PromptError: Bad prompts.
+        ConfigError: A ``batch_size`` that is not a positive integer.
     """
     from unlearnlens.models import check_compatible
     from unlearnlens.patching import prepare
 
     check_models(base, unlearned, "score")
+    batch_size = check_batch_size(batch_size)
     bound = resolve_metric(metric)
     ps = prepare(base, unlearned, prompts, "score")
     if original is not None:
@@ -114,7 +117,7 @@ def score(
             "and there is nothing to compare with: pass original=<the unlearned model before "
             "the change>, or score inside a ul.restored(base, unlearned, ...) block"
         )
-    rows = batch_size or default_batch_size(ps)
+    rows = default_batch_size(ps) if batch_size is None else batch_size
     chunks = list(ps.batches(min(len(ps), rows)))
     now, before, source = [], [], []
     models = [m for m in (base, unlearned, original) if m is not None]
