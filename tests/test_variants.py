@@ -183,3 +183,10 @@ def test_variants_get_the_same_checks_before_work_as_the_sweep(pair, monkeypatch
             ul.patch(base, twin, PAIRS, hooks="attn_out", variants=one, metric=metric)
     with pytest.raises(ul.HookError, match="on the source model but never fires"):
         ul.patch(b, u, PAIRS, hooks="attn.hook_result", variants=one, progress=False)
+    scans = []
+    monkeypatch.setattr(ul.models, "check_distinct", lambda *a, **k: scans.append(1))
+    with pytest.raises(ul.ConfigError, match="batch_size"):
+        ul.restore_sweep(base, unlearned, PAIRS, variants=one, batch_size=0)
+    with pytest.raises(ul.ConfigError, match="batch_size"):
+        ul.patch(base, unlearned, PAIRS, hooks="attn_out", variants=one, batch_size=0)
+    assert scans == []  # refused before the models are compared

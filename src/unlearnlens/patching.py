@@ -340,6 +340,7 @@ def _patch_variants(
         hook_names = resolve_hooks(target, wanted)
         resolve_hooks(source, wanted, what="the source model")
         resolved.append((name, chosen, hook_names, where))
+    batch_size = check_batch_size(batch_size)
     bound = resolve_metric(metric)
     ps = prepare(source, target, prompts, "patch", bound)
     runs = []

@@ -461,6 +461,7 @@ def _restore_variants(
         names = resolve_components(unlearned, entry.get("components", components))
         chosen = check_layers(unlearned, entry["layers"])
         resolved.append((name, sorted(set(chosen)), names))
+    batch_size = check_batch_size(batch_size)
     bound = resolve_metric(metric)
     ps = prepare(base, unlearned, prompts, "restore_sweep", bound)
     runs = [
