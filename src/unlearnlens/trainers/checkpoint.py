@@ -19,7 +19,6 @@ is changed, so a bad checkpoint raises with the model and optimizer untouched.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ import torch
 
 from unlearnlens._storage import (
     atomic_directory,
+    decode_floats,
+    encode_floats,
     read_json,
     read_safetensors,
     remove_directory,
@@ -45,7 +46,6 @@ TENSORS = "tensors.safetensors"
 STATE = "state.json"
 LATEST = "latest.json"
 _FOLDER = re.compile(r"ckpt-\d+")
-_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 @dataclass(frozen=True)
@@ -64,18 +64,19 @@ class Checkpoint:
     """Everything from ``state.json``."""
 
 
-def _encode(x: float | int) -> float | int | str:
-    if isinstance(x, float) and not math.isfinite(x):
-        return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
-    return x
-
-
-def _decode(x: object, where: Path) -> float | int:
-    if isinstance(x, str) and x in _NONFINITE:
-        return _NONFINITE[x]
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
+def _history(history: object, where: Path) -> list[dict[str, float | int]]:
+    """The history rows of ``state.json``, non-finite floats decoded, every value a number."""
+    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+        raise CheckpointError(f"checkpoint state {str(where)!r} has no valid history")
+    try:
+        rows = decode_floats(history)
+    except (TypeError, ValueError):
+        rows = None
+    if rows is None or any(
+        isinstance(v, bool) or not isinstance(v, (int, float)) for r in rows for v in r.values()
+    ):
         raise CheckpointError(f"checkpoint file {str(where)!r} has a non-numeric history value")
-    return x
+    return rows
 
 
 def _optimizer_entries(optimizer: MasterOptimizer) -> dict[str, int]:
@@ -117,7 +118,7 @@ def save_checkpoint(
     state = {
         "format": 2,
         "step": step,
-        "history": [{k: _encode(v) for k, v in row.items()} for row in history],
+        "history": encode_floats(history),
         "fingerprint": fingerprint,
         "optimizer_scalars": scalars,
         "loss_scale": optimizer.loss_scale,
@@ -202,12 +203,9 @@ def read_checkpoint(
     if rng is None or rng.dtype != torch.uint8 or rng.ndim != 1:
         raise CheckpointError(f"checkpoint file {str(where)!r} has no valid rng/torch entry")
     step = state.get("step")
-    history = state.get("history")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(f"checkpoint state {str(folder / STATE)!r} has no valid step")
-    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
-        raise CheckpointError(f"checkpoint state {str(folder / STATE)!r} has no valid history")
-    rows = [{k: _decode(v, folder / STATE) for k, v in r.items()} for r in history]
+    rows = _history(state.get("history"), folder / STATE)
     return Checkpoint(folder, step, rows, tensors, state)
 
 
