@@ -139,6 +139,19 @@ def test_corrupt_checkpoint_files_name_the_file(model, tmp_path, damage):
         unlearn(model, PAIRS, **kw)
 
 
+def test_a_wrong_shaped_adamw_moment_is_named(model, tmp_path):
+    d, folder = checkpointed(model, tmp_path)
+    path = folder / "tensors.safetensors"
+    tensors = load_file(path)
+    key = "optim/blocks.1.attn.W_Q/exp_avg_sq"
+    assert tensors[key].shape == dict(model.named_parameters())["blocks.1.attn.W_Q"].shape
+    tensors[key] = torch.zeros(2, 5)
+    save_file(tensors, path)
+    kw = dict(method="ga", steps=2, lr=1e-3, checkpoint_dir=d, **FAST)
+    with pytest.raises(CheckpointError, match=re.escape(f"{key} has shape (2, 5)")):
+        unlearn(model, PAIRS, **kw)
+
+
 def test_failed_resume_leaves_the_caller_model_untouched(model, tmp_path):
     """A checkpoint with one wrong-shaped tensor, then an interrupt while loading: the in-place
     caller's weights and gradients stay exactly as they were."""

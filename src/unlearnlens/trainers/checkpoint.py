@@ -79,14 +79,23 @@ def _history(history: object, where: Path) -> list[dict[str, float | int]]:
     return rows
 
 
-def _optimizer_entries(optimizer: MasterOptimizer) -> dict[str, int]:
-    """The AdamW state-dict index of each trained parameter name."""
-    sd = optimizer.optimizer.state_dict()
+def _optimizer_entries(sd: dict[str, Any]) -> dict[str, int]:
+    """The AdamW state-dict index of each trained parameter name, from the state dict ``sd``."""
     return {
         name: idx
         for group in sd["param_groups"]
         for name, idx in zip(group["names"], group["params"], strict=True)
     }
+
+
+def _optimizer_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The ``optim/{name}/{key}`` entries of a checkpoint as ``{name: {key: tensor}}``."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for entry, value in tensors.items():
+        if entry.startswith("optim/"):
+            name, _, key = entry[len("optim/") :].rpartition("/")
+            out.setdefault(name, {})[key] = value
+    return out
 
 
 def save_checkpoint(
@@ -105,7 +114,7 @@ def save_checkpoint(
         f"param/{n}": m for n, m in optimizer.master_state().items()
     }
     scalars: dict[str, dict[str, Any]] = {}
-    for name, idx in _optimizer_entries(optimizer).items():
+    for name, idx in _optimizer_entries(sd).items():
         for key, value in sd["state"].get(idx, {}).items():
             if isinstance(value, torch.Tensor):
                 tensors[f"optim/{name}/{key}"] = value
@@ -184,6 +193,7 @@ def read_checkpoint(
         )
     tensors = read_safetensors(folder / TENSORS, what="checkpoint tensors")
     where = folder / TENSORS
+    moments = _optimizer_tensors(tensors)
     for n, m in optimizer.master_state().items():
         t = tensors.get(f"param/{n}")
         if t is None:
@@ -193,11 +203,11 @@ def read_checkpoint(
                 f"checkpoint file {str(where)!r}: param/{n} is {t.dtype} {tuple(t.shape)}, "
                 f"expected {m.dtype} {tuple(m.shape)}"
             )
-        for key, value in tensors.items():
-            if key.startswith(f"optim/{n}/") and value.ndim > 0 and value.shape != m.shape:
+        for key, value in moments.get(n, {}).items():
+            if value.ndim > 0 and value.shape != m.shape:
                 raise CheckpointError(
-                    f"checkpoint file {str(where)!r}: {key} has shape {tuple(value.shape)}, "
-                    f"expected {tuple(m.shape)}"
+                    f"checkpoint file {str(where)!r}: optim/{n}/{key} has shape "
+                    f"{tuple(value.shape)}, expected {tuple(m.shape)}"
                 )
     rng = tensors.get("rng/torch")
     if rng is None or rng.dtype != torch.uint8 or rng.ndim != 1:
@@ -219,11 +229,12 @@ def restore_checkpoint(checkpoint: Checkpoint, optimizer: MasterOptimizer) -> No
     """
     t, where = checkpoint.tensors, checkpoint.folder / TENSORS
     scalars = checkpoint.state.get("optimizer_scalars") or {}
-    entries = _optimizer_entries(optimizer)
     current = optimizer.optimizer.state_dict()
+    entries = _optimizer_entries(current)
+    moments = _optimizer_tensors(t)
     state: dict[int, dict[str, Any]] = {}
     for name, idx in entries.items():
-        found = {k.rsplit("/", 1)[-1]: v for k, v in t.items() if k.startswith(f"optim/{name}/")}
+        found = dict(moments.get(name, {}))
         found.update(scalars.get(name, {}) if isinstance(scalars, dict) else {})
         if found:
             state[idx] = found
