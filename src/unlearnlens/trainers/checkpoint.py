@@ -155,15 +155,12 @@ def read_checkpoint(
         The checkpoint, or ``None`` when the directory holds none.
 
     Raises:
-        ConfigError: The checkpoint was written by a run with other settings, or
-            ``directory`` is a file.
+        ConfigError: The checkpoint was written by a run with other settings.
         CheckpointError: ``latest.json`` names a folder that is missing, or a file lacks an
             entry or holds one of the wrong shape; the message names the file.
         FileFormatError: A file is truncated, corrupt or not in its format; names the file.
     """
     root = Path(directory)
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"checkpoint_dir {str(root)!r} is a file, not a directory")
     latest = root / LATEST
     if not latest.exists():
         return None

@@ -6,7 +6,6 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -117,8 +116,7 @@ def _check_checkpoint_dir(path: object) -> None:
         return
     if not isinstance(path, (str, os.PathLike)):
         raise ConfigError(f"checkpoint_dir must be a path, got {path!r} ({type(path).__name__})")
-    if Path(path).exists() and not Path(path).is_dir():
-        raise ConfigError(f"checkpoint_dir {str(path)!r} is a file, not a directory")
+    check_writable(path, what="checkpoint_dir")
 
 
 def unlearn(
@@ -212,8 +210,6 @@ def unlearn(
     inplace = check_bool(inplace, "inplace")
     progress_enabled(progress)  # a bad value fails here, not after the work
     _check_checkpoint_dir(checkpoint_dir)
-    if checkpoint_dir is not None:
-        check_writable(checkpoint_dir, what="checkpoint_dir")
     if epochs is not None:
         check_int(epochs, "epochs", minimum=1)
     if eval_every is not None:
