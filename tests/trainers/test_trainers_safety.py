@@ -16,6 +16,7 @@ from conftest import PAIRS, build_model
 from unlearnlens.errors import CheckpointError, ConfigError, FileFormatError, NonFiniteLossError
 from unlearnlens.trainers import MethodLoss, UnlearningMethod, register_method, unlearn
 from unlearnlens.trainers import unregister_method as unregister
+from unlearnlens.trainers.checkpoint import save_checkpoint
 from unlearnlens.trainers.losses import forget_nll
 from unlearnlens.trainers.optim import MasterOptimizer
 
@@ -90,6 +91,35 @@ def test_a_crafted_pickle_is_never_loaded(model, tmp_path):
             assert "torch.load" not in text and "import pickle" not in text, f
 
 
+def test_non_finite_history_values_survive_a_checkpoint(model, tmp_path):
+    """state.json is standard JSON: NaN and infinities are stored as ``{"$float": ...}``."""
+    d, folder = checkpointed(model, tmp_path)
+    path = folder / "state.json"
+    state = json.loads(path.read_text())
+    state["history"][1]["loss"] = {"$float": "nan"}
+    state["history"][2]["loss"] = {"$float": "-inf"}
+    path.write_text(json.dumps(state))
+    kw = dict(method="ga", steps=2, lr=1e-3, checkpoint_dir=d, **FAST)
+    losses = [row["loss"] for row in unlearn(model, PAIRS, **kw).history[1:]]
+    assert losses[0] != losses[0] and losses[1] == float("-inf")
+    opt = MasterOptimizer(
+        model, dict(model.named_parameters()), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0
+    )
+    history = [{"step": 0, "a": float("nan"), "b": float("inf"), "c": 2}]
+    out = save_checkpoint(tmp_path / "nf", step=0, optimizer=opt, history=history, fingerprint={})
+
+    def no_literal(name):
+        raise AssertionError(f"NaN literal {name} in state.json")
+
+    saved = json.loads((out / "state.json").read_text(), parse_constant=no_literal)
+    assert saved["history"] == [{"step": 0, "a": {"$float": "nan"}, "b": {"$float": "inf"}, "c": 2}]
+    for bad in ("x", {"$float": "many"}, True, [1.0]):
+        state["history"][1]["loss"] = bad
+        path.write_text(json.dumps(state))
+        with pytest.raises(CheckpointError, match=r"state\.json.*non-numeric"):
+            unlearn(model, PAIRS, **kw)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_corrupt_checkpoint_files_name_the_file(model, tmp_path, damage):
     d, folder = checkpointed(model, tmp_path)
@@ -106,6 +136,19 @@ def test_corrupt_checkpoint_files_name_the_file(model, tmp_path, damage):
         unlearn(model, PAIRS, **kw)
     (d / "latest.json").write_text('{"folder": "ckpt-9", "step": 9}')
     with pytest.raises(CheckpointError, match="ckpt-9"):
+        unlearn(model, PAIRS, **kw)
+
+
+def test_a_wrong_shaped_adamw_moment_is_named(model, tmp_path):
+    d, folder = checkpointed(model, tmp_path)
+    path = folder / "tensors.safetensors"
+    tensors = load_file(path)
+    key = "optim/blocks.1.attn.W_Q/exp_avg_sq"
+    assert tensors[key].shape == dict(model.named_parameters())["blocks.1.attn.W_Q"].shape
+    tensors[key] = torch.zeros(2, 5)
+    save_file(tensors, path)
+    kw = dict(method="ga", steps=2, lr=1e-3, checkpoint_dir=d, **FAST)
+    with pytest.raises(CheckpointError, match=re.escape(f"{key} has shape (2, 5)")):
         unlearn(model, PAIRS, **kw)
 
 

@@ -19,7 +19,6 @@ is changed, so a bad checkpoint raises with the model and optimizer untouched.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ import torch
 
 from unlearnlens._storage import (
     atomic_directory,
+    decode_floats,
+    encode_floats,
     read_json,
     read_safetensors,
     remove_directory,
@@ -45,7 +46,6 @@ TENSORS = "tensors.safetensors"
 STATE = "state.json"
 LATEST = "latest.json"
 _FOLDER = re.compile(r"ckpt-\d+")
-_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 @dataclass(frozen=True)
@@ -64,28 +64,38 @@ class Checkpoint:
     """Everything from ``state.json``."""
 
 
-def _encode(x: float | int) -> float | int | str:
-    if isinstance(x, float) and not math.isfinite(x):
-        return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
-    return x
-
-
-def _decode(x: object, where: Path) -> float | int:
-    if isinstance(x, str) and x in _NONFINITE:
-        return _NONFINITE[x]
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
+def _history(history: object, where: Path) -> list[dict[str, float | int]]:
+    """The history rows of ``state.json``, non-finite floats decoded, every value a number."""
+    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+        raise CheckpointError(f"checkpoint state {str(where)!r} has no valid history")
+    try:
+        rows = decode_floats(history)
+    except (TypeError, ValueError):
+        rows = None
+    if rows is None or any(
+        isinstance(v, bool) or not isinstance(v, (int, float)) for r in rows for v in r.values()
+    ):
         raise CheckpointError(f"checkpoint file {str(where)!r} has a non-numeric history value")
-    return x
+    return rows
 
 
-def _optimizer_entries(optimizer: MasterOptimizer) -> dict[str, int]:
-    """The AdamW state-dict index of each trained parameter name."""
-    sd = optimizer.optimizer.state_dict()
+def _optimizer_entries(sd: dict[str, Any]) -> dict[str, int]:
+    """The AdamW state-dict index of each trained parameter name, from the state dict ``sd``."""
     return {
         name: idx
         for group in sd["param_groups"]
         for name, idx in zip(group["names"], group["params"], strict=True)
     }
+
+
+def _optimizer_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The ``optim/{name}/{key}`` entries of a checkpoint as ``{name: {key: tensor}}``."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for entry, value in tensors.items():
+        if entry.startswith("optim/"):
+            name, _, key = entry[len("optim/") :].rpartition("/")
+            out.setdefault(name, {})[key] = value
+    return out
 
 
 def save_checkpoint(
@@ -104,7 +114,7 @@ def save_checkpoint(
         f"param/{n}": m for n, m in optimizer.master_state().items()
     }
     scalars: dict[str, dict[str, Any]] = {}
-    for name, idx in _optimizer_entries(optimizer).items():
+    for name, idx in _optimizer_entries(sd).items():
         for key, value in sd["state"].get(idx, {}).items():
             if isinstance(value, torch.Tensor):
                 tensors[f"optim/{name}/{key}"] = value
@@ -117,7 +127,7 @@ def save_checkpoint(
     state = {
         "format": 2,
         "step": step,
-        "history": [{k: _encode(v) for k, v in row.items()} for row in history],
+        "history": encode_floats(history),
         "fingerprint": fingerprint,
         "optimizer_scalars": scalars,
         "loss_scale": optimizer.loss_scale,
@@ -145,15 +155,12 @@ def read_checkpoint(
         The checkpoint, or ``None`` when the directory holds none.
 
     Raises:
-        ConfigError: The checkpoint was written by a run with other settings, or
-            ``directory`` is a file.
+        ConfigError: The checkpoint was written by a run with other settings.
         CheckpointError: ``latest.json`` names a folder that is missing, or a file lacks an
             entry or holds one of the wrong shape; the message names the file.
         FileFormatError: A file is truncated, corrupt or not in its format; names the file.
     """
     root = Path(directory)
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"checkpoint_dir {str(root)!r} is a file, not a directory")
     latest = root / LATEST
     if not latest.exists():
         return None
@@ -183,6 +190,7 @@ def read_checkpoint(
         )
     tensors = read_safetensors(folder / TENSORS, what="checkpoint tensors")
     where = folder / TENSORS
+    moments = _optimizer_tensors(tensors)
     for n, m in optimizer.master_state().items():
         t = tensors.get(f"param/{n}")
         if t is None:
@@ -192,22 +200,19 @@ def read_checkpoint(
                 f"checkpoint file {str(where)!r}: param/{n} is {t.dtype} {tuple(t.shape)}, "
                 f"expected {m.dtype} {tuple(m.shape)}"
             )
-        for key, value in tensors.items():
-            if key.startswith(f"optim/{n}/") and value.ndim > 0 and value.shape != m.shape:
+        for key, value in moments.get(n, {}).items():
+            if value.ndim > 0 and value.shape != m.shape:
                 raise CheckpointError(
-                    f"checkpoint file {str(where)!r}: {key} has shape {tuple(value.shape)}, "
-                    f"expected {tuple(m.shape)}"
+                    f"checkpoint file {str(where)!r}: optim/{n}/{key} has shape "
+                    f"{tuple(value.shape)}, expected {tuple(m.shape)}"
                 )
     rng = tensors.get("rng/torch")
     if rng is None or rng.dtype != torch.uint8 or rng.ndim != 1:
         raise CheckpointError(f"checkpoint file {str(where)!r} has no valid rng/torch entry")
     step = state.get("step")
-    history = state.get("history")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(f"checkpoint state {str(folder / STATE)!r} has no valid step")
-    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
-        raise CheckpointError(f"checkpoint state {str(folder / STATE)!r} has no valid history")
-    rows = [{k: _decode(v, folder / STATE) for k, v in r.items()} for r in history]
+    rows = _history(state.get("history"), folder / STATE)
     return Checkpoint(folder, step, rows, tensors, state)
 
 
@@ -221,11 +226,12 @@ def restore_checkpoint(checkpoint: Checkpoint, optimizer: MasterOptimizer) -> No
     """
     t, where = checkpoint.tensors, checkpoint.folder / TENSORS
     scalars = checkpoint.state.get("optimizer_scalars") or {}
-    entries = _optimizer_entries(optimizer)
     current = optimizer.optimizer.state_dict()
+    entries = _optimizer_entries(current)
+    moments = _optimizer_tensors(t)
     state: dict[int, dict[str, Any]] = {}
     for name, idx in entries.items():
-        found = {k.rsplit("/", 1)[-1]: v for k, v in t.items() if k.startswith(f"optim/{name}/")}
+        found = dict(moments.get(name, {}))
         found.update(scalars.get(name, {}) if isinstance(scalars, dict) else {})
         if found:
             state[idx] = found

@@ -48,6 +48,7 @@ def evaluate_sets(
 
 
 def _copy_model(model: HookedTransformer) -> HookedTransformer:
+    """A deep copy of ``model`` that shares its tokenizer (the tokenizer holds no weights)."""
     memo = {id(model.tokenizer): model.tokenizer} if model.tokenizer is not None else {}
     return copy.deepcopy(model, memo)
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from unlearnlens.errors import ConfigError
 from unlearnlens.trainers.base import Batch, MethodConfig, MethodLoss, TrainData, UnlearningMethod
+from unlearnlens.trainers.loop import _copy_model
 from unlearnlens.trainers.losses import (
     kl_to_reference,
     npo_loss,
@@ -25,8 +25,7 @@ __all__ = ["NPO", "NPOKL", "NPORT", "NPOConfig", "NPORetainConfig", "frozen_copy
 
 def frozen_copy(model: HookedTransformer) -> HookedTransformer:
     """A copy of ``model`` in eval mode, no parameter requiring gradients, same tokenizer."""
-    memo = {id(model.tokenizer): model.tokenizer} if model.tokenizer is not None else {}
-    ref = copy.deepcopy(model, memo)
+    ref = _copy_model(model)
     ref.eval()
     ref.requires_grad_(False)
     return ref

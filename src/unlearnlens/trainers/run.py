@@ -6,7 +6,6 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -102,14 +101,14 @@ def kept_grads(model: nn.Module) -> Iterator[None]:
             p.grad = g
 
 
-def _resolve_steps(
-    steps: int | None, epochs: int | None, default: int, n: int, batch_size: int
-) -> int:
+def _check_steps(steps: object, epochs: object) -> tuple[int | None, int | None]:
+    """``steps`` and ``epochs`` checked (at most one of them given)."""
     if steps is not None and epochs is not None:
         raise ConfigError(f"give steps or epochs, not both (got steps={steps}, epochs={epochs})")
-    if epochs is not None:
-        return check_int(epochs, "epochs", minimum=1) * -(-n // batch_size)
-    return default if steps is None else check_int(steps, "steps", minimum=1)
+    return (
+        None if steps is None else check_int(steps, "steps", minimum=1),
+        None if epochs is None else check_int(epochs, "epochs", minimum=1),
+    )
 
 
 def _check_checkpoint_dir(path: object) -> None:
@@ -117,8 +116,7 @@ def _check_checkpoint_dir(path: object) -> None:
         return
     if not isinstance(path, (str, os.PathLike)):
         raise ConfigError(f"checkpoint_dir must be a path, got {path!r} ({type(path).__name__})")
-    if Path(path).exists() and not Path(path).is_dir():
-        raise ConfigError(f"checkpoint_dir {str(path)!r} is a file, not a directory")
+    check_writable(path, what="checkpoint_dir")
 
 
 def unlearn(
@@ -212,10 +210,7 @@ def unlearn(
     inplace = check_bool(inplace, "inplace")
     progress_enabled(progress)  # a bad value fails here, not after the work
     _check_checkpoint_dir(checkpoint_dir)
-    if checkpoint_dir is not None:
-        check_writable(checkpoint_dir, what="checkpoint_dir")
-    if epochs is not None:
-        check_int(epochs, "epochs", minimum=1)
+    steps, epochs = _check_steps(steps, epochs)
     if eval_every is not None:
         check_int(eval_every, "eval_every", minimum=0)
     options = dict(
@@ -251,7 +246,10 @@ def unlearn(
             f"method {method!r} needs a retain set ({meth.config}); pass retain=... (or set its "
             "retain weight to 0 where it has one)"
         )
-    n_steps = _resolve_steps(steps, epochs, type(meth).default_steps, len(forget_set), batch_size)
+    if epochs is not None:
+        n_steps = epochs * -(-len(forget_set) // batch_size)
+    else:
+        n_steps = type(meth).default_steps if steps is None else steps
     cfg = TrainConfig(
         steps=n_steps,
         eval_every=max(1, n_steps // 10) if eval_every is None else eval_every,
