@@ -138,23 +138,26 @@ def _token_ids(tokenizer: Any) -> dict[str, Any]:
     }
 
 
-def _llama_family_config(cfg: HookedTransformerConfig, architecture: str, tied: bool) -> Any:
-    import transformers
-
-    kv = cfg.n_key_value_heads or cfg.n_heads
-    common: dict[str, Any] = {
+def _rotary_config_fields(cfg: HookedTransformerConfig, tied: bool) -> dict[str, Any]:
+    """The config fields GPT-NeoX and the LLaMA family name alike."""
+    return {
         "vocab_size": cfg.d_vocab,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.d_mlp,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": kv,
-        "head_dim": cfg.d_head,
         "hidden_act": _hf_act(cfg),
         "max_position_embeddings": cfg.n_ctx,
         "rope_parameters": _rope_parameters(cfg),
         "tie_word_embeddings": tied,
     }
+
+
+def _llama_family_config(cfg: HookedTransformerConfig, architecture: str, tied: bool) -> Any:
+    import transformers
+
+    common = _rotary_config_fields(cfg, tied)
+    common.update(num_key_value_heads=cfg.n_key_value_heads or cfg.n_heads, head_dim=cfg.d_head)
     window: dict[str, Any] = {}
     if cfg.use_local_attn:
         types = list(cfg.attn_types or ["local"] * cfg.n_layers)
@@ -215,18 +218,10 @@ def _hf_config(
         )
     elif architecture == "GPTNeoXForCausalLM":
         config = transformers.GPTNeoXConfig(
-            vocab_size=cfg.d_vocab,
-            hidden_size=cfg.d_model,
-            num_hidden_layers=cfg.n_layers,
-            num_attention_heads=cfg.n_heads,
-            intermediate_size=cfg.d_mlp,
-            hidden_act=_hf_act(cfg),
-            max_position_embeddings=cfg.n_ctx,
+            **_rotary_config_fields(cfg, tied),
             layer_norm_eps=cfg.eps,
             use_parallel_residual=cfg.parallel_attn_mlp,
-            rope_parameters=_rope_parameters(cfg),
             attention_bias=True,
-            tie_word_embeddings=tied,
             architectures=[architecture],
         )
     else:
@@ -545,10 +540,10 @@ def hf_trainable(model: HookedTransformer, architecture: str | None = None) -> l
         The parameter names, or None when the model does not fit a Hugging Face class now.
     """
     try:
-        _, state = _prepare(model, architecture)
+        config, state = _prepare(model, architecture)
     except UnsupportedArchitectureError:
         return None
-    arch = architecture or _guess_architecture(model.cfg)
+    arch = config.architectures[0]
     bias = "model.layers.0.self_attn.o_proj.bias" in state
     lacking: tuple[str, ...] = ("unembed.b_U",)
     if arch not in ("GPT2LMHeadModel", "GPTNeoXForCausalLM"):
