@@ -350,6 +350,7 @@ def _dissect(args: argparse.Namespace) -> int:
     check_int(args.max_new_tokens, "--max-new-tokens", minimum=1)
     check_batch_size(args.batch_size, "--batch-size")
     check_device(args.device, "--device")
+    check_device(args.base_device, "--base-device")
     paths = _parse_unlearned(args.unlearned)
     for label, p in [
         ("--base", Path(args.base)),
