@@ -417,9 +417,12 @@ def _meta_model(config: Any, state: StateDict) -> Any:
 
 
 def _check_round_trip(
-    model: HookedTransformer, config: Any, state: StateDict, architecture: str
+    model: HookedTransformer, own: StateDict, config: Any, state: StateDict, architecture: str
 ) -> None:
-    """Converts the checkpoint back as :func:`load_hf` does; any difference is an error."""
+    """Converts the checkpoint back as :func:`load_hf` does; any difference is an error.
+
+    ``own`` is the model's state dict on the CPU, ``state`` the checkpoint's.
+    """
     spec = ARCHITECTURES[architecture]
     fields = spec.config(config)
     if fields["n_ctx"] < model.cfg.n_ctx:
@@ -438,7 +441,6 @@ def _check_round_trip(
     hf = _meta_model(config, state)
     with torch.no_grad():
         converted = spec.weights(hf, rebuilt)
-    own = model.state_dict()
     for name, param in model.named_parameters():
         back = converted.get(name)
         if back is None:
@@ -449,7 +451,7 @@ def _check_round_trip(
                 + (" (it is non-zero)" if param.any() else "")
             )
         back = back.to(param.dtype)
-        if back.shape != param.shape or not torch.equal(back.cpu(), own[name].cpu()):
+        if back.shape != param.shape or not torch.equal(back.cpu(), own[name]):
             raise unsupported(
                 f"save_hf: {architecture} cannot hold {name} exactly"
                 + (" (it is non-zero, and the class has no such parameter)" if param.any() else "")
@@ -485,7 +487,7 @@ def _prepare(model: HookedTransformer, architecture: str | None) -> tuple[Any, S
     if architecture == "GPTNeoXForCausalLM":
         state["lm_head.weight"] = state.pop("embed_out.weight")
     config = _hf_config(model.cfg, architecture, model.tokenizer, tied, bias)
-    _check_round_trip(model, config, state, architecture)
+    _check_round_trip(model, sd, config, state, architecture)
     if tied:
         state.pop("lm_head.weight")
     return config, state
