@@ -28,7 +28,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from unlearnlens._architectures import ARCHITECTURES, unsupported
 from unlearnlens._storage import atomic_directory, write_safetensors, write_text
 from unlearnlens.errors import UnsupportedArchitectureError
-from unlearnlens.models import tokenizer_adds_bos
+from unlearnlens.models import _converted_config
 
 __all__ = ["save_hf"]
 
@@ -428,10 +428,7 @@ def _check_round_trip(
     if fields["n_ctx"] < model.cfg.n_ctx:
         raise unsupported(f"save_hf: {architecture} would hold fewer positions than n_ctx")
     fields["n_ctx"] = model.cfg.n_ctx
-    fields.update(tokenizer_name=None, init_weights=False, dtype=model.cfg.dtype, device="cpu")
-    if model.tokenizer is not None:  # load_hf follows the saved tokenizer's BOS convention
-        fields["default_prepend_bos"] = tokenizer_adds_bos(model.tokenizer)
-    rebuilt = HookedTransformerConfig.from_dict(fields)
+    rebuilt = _converted_config(fields, model.tokenizer, dtype=model.cfg.dtype, device="cpu")
     for name in _BEHAVIOUR_FIELDS:
         a, b = getattr(model.cfg, name, None), getattr(rebuilt, name, None)
         if a != b and not (isinstance(a, float) and isinstance(b, float) and math.isclose(a, b)):
