@@ -472,7 +472,7 @@ def _save_unlearned(model: HookedTransformer, out: str, fmt: str) -> Path:
 
 
 def _unlearn(args: argparse.Namespace) -> int:
-    from unlearnlens.export import hf_trainable, save_hf
+    from unlearnlens.export import hf_trainable
     from unlearnlens.trainers import get_method, unlearn
 
     get_method(args.method)  # an unknown method fails before anything loads
@@ -489,9 +489,7 @@ def _unlearn(args: argparse.Namespace) -> int:
     if args.format != "unlearnlens":
         # a model that fits a Hugging Face class keeps fitting it: parameters the class lacks
         # (TransformerLens's extra biases, zero after load_hf) are not trained
-        params = hf_trainable(model)
-        if params is None and args.format == "hf":
-            save_hf(model, Path(args.out))  # raises, naming what does not fit
+        params = hf_trainable(model, required=args.format == "hf")
     run = unlearn(
         model,
         forget,

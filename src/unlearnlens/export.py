@@ -528,19 +528,31 @@ def save_hf(
     return directory
 
 
-def hf_trainable(model: HookedTransformer, architecture: str | None = None) -> list[str] | None:
+def hf_trainable(
+    model: HookedTransformer, architecture: str | None = None, *, required: bool = False
+) -> list[str] | None:
     """The parameters training may change so that :func:`save_hf` can still write the model.
 
     TransformerLens gives every block biases (and the unembedding one) that some Hugging Face
     classes lack; :func:`load_hf` fills them with zeros. Training them makes the model
     unexportable, so a trainer that should keep the model exportable trains only these.
 
+    Args:
+        model: The model to train.
+        architecture: The class :func:`save_hf` will write (default: as there).
+        required: Raise, rather than return None, when the model does not fit.
+
     Returns:
         The parameter names, or None when the model does not fit a Hugging Face class now.
+
+    Raises:
+        UnsupportedArchitectureError: With ``required``, the model does not fit; names what.
     """
     try:
         config, state = _prepare(model, architecture)
     except UnsupportedArchitectureError:
+        if required:
+            raise
         return None
     arch = config.architectures[0]
     bias = "model.layers.0.self_attn.o_proj.bias" in state
