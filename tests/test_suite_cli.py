@@ -98,6 +98,7 @@ def test_changed_settings_rerun_a_finished_study(tmp_path):
         ("--concepts", "0"),
         ("--steps", "0"),
         ("--device", "cuda:99"),
+        ("--methods", "npo,no_such_method"),
     ],
 )
 def test_suite_refuses_bad_options_before_training(tmp_path, capsys, monkeypatch, flag, value):

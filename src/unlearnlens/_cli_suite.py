@@ -148,6 +148,11 @@ def run_suite_command(args: argparse.Namespace) -> int:
         check_int(args.concepts, "--concepts", minimum=1)
         if args.steps is not None:
             check_int(args.steps, "--steps", minimum=1)
+        if args.methods is not None:
+            from unlearnlens.trainers import get_method
+
+            for method in args.methods.split(","):
+                get_method(method.strip())
     executor = None
     if args.executor == "ray":
         from unlearnlens.ray_executor import RayExecutor
