@@ -24,10 +24,18 @@ WORDS = (
 ).split()
 
 
-def make_word_tokenizer() -> PreTrainedTokenizerFast:
-    """A tiny word-level tokenizer: whitespace/punctuation split, BOS/EOS/PAD/UNK specials."""
+def make_word_tokenizer(swap: tuple[str, str] | None = None) -> PreTrainedTokenizerFast:
+    """A tiny word-level tokenizer: whitespace/punctuation split, BOS/EOS/PAD/UNK specials.
+
+    ``swap``: two words whose ids are exchanged, for a tokenizer of the same size and name
+    that reads other tokens.
+    """
     specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
-    vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS)) + ["?", ":", "\n", "."])}
+    words = specials + sorted(set(WORDS)) + ["?", ":", "\n", "."]
+    if swap is not None:
+        i, j = words.index(swap[0]), words.index(swap[1])
+        words[i], words[j] = words[j], words[i]
+    vocab = {w: i for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
@@ -108,6 +116,47 @@ def perturbed(model: HookedTransformer, scale: float, seed: int) -> HookedTransf
         for p in other.parameters():
             p.add_(scale * torch.randn(p.shape, generator=gen).to(p.dtype))
     return other
+
+
+def llama_like_config(cls, vocab_size: int, **kwargs):
+    """A tiny Hugging Face config of a LLaMA-like class ``cls``; ``kwargs`` add or override."""
+    return cls(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def without_type_checker(monkeypatch):
+    """Switches off the run-time type checker the suite runs under, which users do not have."""
+    import jaxtyping
+
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
+
+
+@pytest.fixture
+def no_forward(monkeypatch):
+    """Any forward pass fails the test: errors must come before any work."""
+
+    def forward(*args, **kwargs):
+        raise AssertionError("a forward pass ran before the input was checked")
+
+    monkeypatch.setattr(HookedTransformer, "forward", forward)
+
+
+@pytest.fixture(scope="module")
+def gpt2_pair():
+    """(base, unlearned): a tiny GPT-2-like model and a perturbed copy, built once a module."""
+    base = build_model("gpt2", seed=1)
+    return base, perturbed(base, 0.2, seed=2)
 
 
 @pytest.fixture(params=["gpt2", "llama"])

@@ -104,3 +104,29 @@ def test_unlearn_command_writes_a_hugging_face_checkpoint(tmp_path, capsys):
         expected = unlearned(tokens).float()
     assert (_hf_logits(tmp_path / "out", tokens) - expected).abs().max() <= TOL
     assert not torch.equal(unlearned.blocks[0].mlp.W_in, model.blocks[0].mlp.W_in)
+
+
+def test_unlearn_command_refuses_format_hf_for_a_model_that_does_not_fit(
+    tmp_path, capsys, monkeypatch
+):
+    import json
+
+    from conftest import PAIRS
+    from unlearnlens import trainers
+    from unlearnlens.cli import main
+    from unlearnlens.models import save_model
+
+    model = build_model("gpt2", seed=3)  # a non-zero unembed.b_U: GPT-2 has no such bias
+    assert model.unembed.b_U.any()
+    save_model(model, tmp_path / "base")
+    (tmp_path / "forget.json").write_text(json.dumps([list(p) for p in PAIRS[:2]]))
+
+    def unlearn(*args, **kwargs):
+        raise AssertionError("training ran for a model that cannot be written as asked")
+
+    monkeypatch.setattr(trainers, "unlearn", unlearn)
+    args = ["unlearn", "--model", str(tmp_path / "base"), "--forget", str(tmp_path / "forget.json")]
+    args += ["--method", "ga", "--steps", "1", "--no-progress", "--out", str(tmp_path / "out")]
+    assert main([*args, "--format", "hf"]) == 2
+    assert "unembed.b_U" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

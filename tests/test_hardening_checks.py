@@ -11,35 +11,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformer_lens import HookedTransformer
 
 import unlearnlens as ul
-from conftest import PAIRS, build_model, perturbed
+from conftest import PAIRS
 from unlearnlens._checks import check_batch_size, check_float, check_int, check_layers
 from unlearnlens.errors import ConfigError, LayerError, UnlearnLensError
 
-
-@pytest.fixture(autouse=True)
-def without_type_checker(monkeypatch):
-    import jaxtyping
-
-    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
-
-
-@pytest.fixture(scope="module")
-def pair():
-    base = build_model("gpt2", seed=1)
-    return base, perturbed(base, 0.2, seed=2)
-
-
-@pytest.fixture
-def no_forward(monkeypatch):
-    """Any forward pass fails the test: errors must come before any work."""
-
-    def forward(*args, **kwargs):
-        raise AssertionError("a forward pass ran before the arguments were checked")
-
-    monkeypatch.setattr(HookedTransformer, "forward", forward)
+pytestmark = pytest.mark.usefixtures("without_type_checker")
 
 
 @pytest.mark.parametrize(
@@ -62,8 +40,8 @@ def no_forward(monkeypatch):
         np.bool_(True),
     ],
 )
-def test_non_integer_layers_are_refused(pair, layers, no_forward):
-    base, unlearned = pair
+def test_non_integer_layers_are_refused(gpt2_pair, layers, no_forward):
+    base, unlearned = gpt2_pair
     with pytest.raises(LayerError, match="integer"):
         check_layers(base, layers)
     with pytest.raises(LayerError, match="integer"):
@@ -87,14 +65,14 @@ def test_non_integer_layers_are_refused(pair, layers, no_forward):
         (None, [0, 1, 2, 3]),
     ],
 )
-def test_integer_layers_of_every_kind_are_accepted(pair, layers, expected):
-    base, _ = pair
+def test_integer_layers_of_every_kind_are_accepted(gpt2_pair, layers, expected):
+    base, _ = gpt2_pair
     out = check_layers(base, layers)
     assert out == expected and all(type(v) is int for v in out)
 
 
-def test_numpy_layers_give_the_same_sweep_as_python_ints(pair):
-    base, unlearned = pair
+def test_numpy_layers_give_the_same_sweep_as_python_ints(gpt2_pair):
+    base, unlearned = gpt2_pair
     want = ul.patch_mlp_coefficients(base, unlearned, PAIRS, layers=[1, 2], progress=False)
     got = ul.patch_mlp_coefficients(
         base, unlearned, PAIRS, layers=np.array([1, 2]), window=np.int64(3), progress=False
@@ -108,15 +86,15 @@ def test_numpy_layers_give_the_same_sweep_as_python_ints(pair):
 
 
 @pytest.mark.parametrize("window", [2, 0, -1, 3.0, "3", True, np.float32(3), None])
-def test_bad_windows_are_refused(pair, window, no_forward):
-    base, unlearned = pair
+def test_bad_windows_are_refused(gpt2_pair, window, no_forward):
+    base, unlearned = gpt2_pair
     with pytest.raises(LayerError, match="window must be a positive odd number"):
         ul.patch_attention(base, unlearned, PAIRS, window=window, progress=False)
 
 
 @pytest.mark.parametrize("batch_size", [0, -3, 2.0, "4", True, np.float64(2)])
-def test_bad_batch_sizes_are_refused_everywhere_before_work(pair, batch_size, no_forward):
-    base, unlearned = pair
+def test_bad_batch_sizes_are_refused_everywhere_before_work(gpt2_pair, batch_size, no_forward):
+    base, unlearned = gpt2_pair
     calls = [
         lambda: ul.patch(
             base, unlearned, PAIRS, hooks="resid_pre", batch_size=batch_size, progress=False
@@ -133,8 +111,8 @@ def test_bad_batch_sizes_are_refused_everywhere_before_work(pair, batch_size, no
             call()
 
 
-def test_numpy_batch_size_is_an_integer_and_gives_the_same_scores(pair):
-    base, unlearned = pair
+def test_numpy_batch_size_is_an_integer_and_gives_the_same_scores(gpt2_pair):
+    base, unlearned = gpt2_pair
     want = ul.patch_mlp_coefficients(base, unlearned, PAIRS, batch_size=1, progress=False)
     got = ul.patch_mlp_coefficients(base, unlearned, PAIRS, batch_size=np.int64(1), progress=False)
     assert torch.allclose(got.scores, want.scores, atol=1e-6)
@@ -147,8 +125,8 @@ def test_non_finite_or_non_numeric_reals_are_refused(bad):
         check_float(bad, "lr", positive=True)
 
 
-def test_training_config_refuses_infinite_rates_and_nan_clipping(pair, no_forward):
-    base, _ = pair
+def test_training_config_refuses_infinite_rates_and_nan_clipping(gpt2_pair, no_forward):
+    base, _ = gpt2_pair
     unlearn = ul.unlearn
     for kw, word in [
         (dict(lr=math.inf), "lr"),
@@ -171,8 +149,8 @@ def test_check_int_refuses_what_is_not_an_integer(value):
         check_int(value, "top_k")
 
 
-def test_top_k_and_neurons_take_numpy_integers_and_refuse_floats(pair, no_forward):
-    base, unlearned = pair
+def test_top_k_and_neurons_take_numpy_integers_and_refuse_floats(gpt2_pair, no_forward):
+    base, unlearned = gpt2_pair
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ConfigError, match="top_k"):
             ul.compare_coefficients(base, unlearned, PAIRS, top_k=bad)
@@ -184,16 +162,16 @@ def test_top_k_and_neurons_take_numpy_integers_and_refuse_floats(pair, no_forwar
         ul.vocab_projection(base, 0, 1, k=2.0)
 
 
-def test_vocab_projection_with_numpy_indices_matches_the_weights(pair):
-    base, _ = pair
+def test_vocab_projection_with_numpy_indices_matches_the_weights(gpt2_pair):
+    base, _ = gpt2_pair
     got = ul.vocab_projection(base, np.int64(1), np.int64(3), k=np.int64(4))
     logits = base.blocks[1].mlp.W_out[3].detach() @ base.unembed.W_U.detach()
     top = logits.topk(4)
     assert [round(v, 4) for _, v in got] == [round(float(v), 4) for v in top.values]
 
 
-def test_every_refusal_is_a_library_error(pair):
-    base, _ = pair
+def test_every_refusal_is_a_library_error(gpt2_pair):
+    base, _ = gpt2_pair
     for bad in ([1.7], "13", True):
         with pytest.raises(UnlearnLensError):
             check_layers(base, bad)
@@ -208,7 +186,9 @@ def test_every_refusal_is_a_library_error(pair):
         ("grad_diff", {"retain_weight": math.nan}, "retain_weight"),
     ],
 )
-def test_method_options_are_checked_against_their_types(pair, method, options, word, no_forward):
-    base, _ = pair
+def test_method_options_are_checked_against_their_types(
+    gpt2_pair, method, options, word, no_forward
+):
+    base, _ = gpt2_pair
     with pytest.raises(ConfigError, match=word):
         ul.unlearn(base, PAIRS, method=method, steps=1, progress=False, **options)

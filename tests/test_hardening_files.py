@@ -11,7 +11,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import unlearnlens as ul
-from conftest import PAIRS, build_model, make_word_tokenizer, perturbed
+from conftest import PAIRS, build_model, llama_like_config, make_word_tokenizer, perturbed
 from unlearnlens.errors import (
     CheckpointError,
     ComponentError,
@@ -171,17 +171,7 @@ def _hf_checkpoint(folder: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = make_word_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    config = llama_like_config(LlamaConfig, len(tok))
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(str(folder))
     tok.save_pretrained(str(folder))

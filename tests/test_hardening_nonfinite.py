@@ -6,20 +6,11 @@ import math
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer
 
 import unlearnlens as ul
 from conftest import PAIRS, build_model, perturbed
 from unlearnlens._finite import check_finite
 from unlearnlens.errors import NonFiniteModelError, UnlearnLensError
-
-
-@pytest.fixture
-def no_forward(monkeypatch):
-    def forward(*args, **kwargs):
-        raise AssertionError("a forward pass ran on a model with non-finite weights")
-
-    monkeypatch.setattr(HookedTransformer, "forward", forward)
 
 
 def broken(model, name, value, index=(0, 0)):

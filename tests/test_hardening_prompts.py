@@ -7,48 +7,20 @@ import copy
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformer_lens import HookedTransformer
-from transformers import PreTrainedTokenizerFast
 
 import unlearnlens as ul
-from conftest import PAIRS, WORDS, build_model, make_word_tokenizer, tiny_config
+from conftest import PAIRS, build_model, make_word_tokenizer, tiny_config
 from unlearnlens.errors import PromptError
 from unlearnlens.prompts import tokenizer_fingerprint
 
-
-@pytest.fixture(autouse=True)
-def without_type_checker(monkeypatch):
-    import jaxtyping
-
-    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
-
-
-def swapped_tokenizer(a: str, b: str) -> PreTrainedTokenizerFast:
-    """The test tokenizer with the ids of two words exchanged: same size, other tokens."""
-    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
-    words = specials + sorted(set(WORDS)) + ["?", ":", "\n", "."]
-    i, j = words.index(a), words.index(b)
-    words[i], words[j] = words[j], words[i]
-    tok = Tokenizer(models.WordLevel(vocab={w: k for k, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        add_bos_token=True,
-        name_or_path="word-level-test",  # the same name: only the vocabulary tells them apart
-    )
+pytestmark = pytest.mark.usefixtures("without_type_checker")
 
 
 @pytest.fixture(scope="module")
 def two_models():
     own = build_model("gpt2", seed=1)
-    tok = swapped_tokenizer("Paris", "Rome")
+    tok = make_word_tokenizer(swap=("Paris", "Rome"))  # same size and name, other tokens
     other = HookedTransformer(
         tiny_config("gpt2", d_vocab=len(tok)), tokenizer=tok, default_padding_side="right"
     )
@@ -85,9 +57,9 @@ def test_the_fingerprint_follows_the_vocabulary_not_the_name(tmp_path):
     renamed = make_word_tokenizer()
     renamed.name_or_path = "somewhere/else"
     assert tokenizer_fingerprint(renamed) == tokenizer_fingerprint(own.tokenizer)
-    assert tokenizer_fingerprint(swapped_tokenizer("Paris", "Rome")) != tokenizer_fingerprint(
-        own.tokenizer
-    )
+    assert tokenizer_fingerprint(
+        make_word_tokenizer(swap=("Paris", "Rome"))
+    ) != tokenizer_fingerprint(own.tokenizer)
 
 
 def test_adding_a_token_changes_the_fingerprint():

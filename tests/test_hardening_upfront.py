@@ -6,45 +6,25 @@ import copy
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer
 
 import unlearnlens as ul
-from conftest import PAIRS, build_model, perturbed
+from conftest import PAIRS
 from unlearnlens.errors import ConfigError, HookError, IncompatibleModelsError
 from unlearnlens.models import check_distinct
 
-
-@pytest.fixture(autouse=True)
-def without_type_checker(monkeypatch):
-    import jaxtyping
-
-    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
+pytestmark = pytest.mark.usefixtures("without_type_checker")
 
 
-@pytest.fixture(scope="module")
-def pair():
-    base = build_model("gpt2", seed=1)
-    return base, perturbed(base, 0.2, seed=2)
-
-
-@pytest.fixture
-def no_forward(monkeypatch):
-    def forward(*args, **kwargs):
-        raise AssertionError("a forward pass ran before the input was refused")
-
-    monkeypatch.setattr(HookedTransformer, "forward", forward)
-
-
-def test_dissect_refuses_top_k_zero_before_work(pair, no_forward):
-    base, unlearned = pair
+def test_dissect_refuses_top_k_zero_before_work(gpt2_pair, no_forward):
+    base, unlearned = gpt2_pair
     with pytest.raises(ConfigError, match="top_k"):
         ul.dissect(base, unlearned, PAIRS, top_k=0, progress=False)
     with pytest.raises(ConfigError, match="eval_max_new_tokens"):
         ul.dissect(base, unlearned, PAIRS, eval_max_new_tokens=0, progress=False)
 
 
-def test_dissect_refuses_the_base_model_as_unlearned_model(pair, no_forward):
-    base, unlearned = pair
+def test_dissect_refuses_the_base_model_as_unlearned_model(gpt2_pair, no_forward):
+    base, unlearned = gpt2_pair
     with pytest.raises(IncompatibleModelsError, match="base model itself"):
         ul.dissect(base, base, PAIRS, progress=False)
     with pytest.raises(IncompatibleModelsError, match="exactly the base model's weights"):
@@ -55,8 +35,10 @@ def test_dissect_refuses_the_base_model_as_unlearned_model(pair, no_forward):
         ul.dissect(None, unlearned, PAIRS, progress=False)
 
 
-def test_krs_sweeps_refuse_identical_models_but_other_metrics_run(pair, no_forward, monkeypatch):
-    base, _ = pair
+def test_krs_sweeps_refuse_identical_models_but_other_metrics_run(
+    gpt2_pair, no_forward, monkeypatch
+):
+    base, _ = gpt2_pair
     twin = copy.deepcopy(base)
     for fn in (ul.patch_mlp_coefficients, ul.restore_sweep):
         for metric in ("krs", "recovery"):
@@ -68,8 +50,8 @@ def test_krs_sweeps_refuse_identical_models_but_other_metrics_run(pair, no_forwa
     assert torch.allclose(out.scores, torch.full_like(out.scores, out.baseline), atol=1e-5)
 
 
-def test_the_check_stops_at_the_first_differing_parameter(pair, monkeypatch):
-    base, unlearned = pair
+def test_the_check_stops_at_the_first_differing_parameter(gpt2_pair, monkeypatch):
+    base, unlearned = gpt2_pair
     calls = []
     real = torch.equal
 
@@ -83,9 +65,9 @@ def test_the_check_stops_at_the_first_differing_parameter(pair, monkeypatch):
 
 
 def test_a_hook_that_never_fires_is_refused_and_works_once_switched_on(
-    pair, no_forward, monkeypatch
+    gpt2_pair, no_forward, monkeypatch
 ):
-    base, unlearned = pair
+    base, unlearned = gpt2_pair
     with pytest.raises(HookError, match=r"never fires.*use_attn_result"):
         ul.patch(base, unlearned, PAIRS, hooks="attn.hook_result", progress=False)
     with pytest.raises(HookError, match="never fires"):
@@ -104,8 +86,8 @@ def test_a_hook_that_never_fires_is_refused_and_works_once_switched_on(
     assert torch.allclose(by_result.scores, by_out.scores, atol=1e-4)
 
 
-def test_checkpoint_dir_that_is_a_file_is_refused_before_training(pair, tmp_path, no_forward):
-    base, _ = pair
+def test_checkpoint_dir_that_is_a_file_is_refused_before_training(gpt2_pair, tmp_path, no_forward):
+    base, _ = gpt2_pair
     path = tmp_path / "ckpt"
     path.write_text("not a folder")
     with pytest.raises(ConfigError, match=r"checkpoint_dir.*file"):
@@ -120,7 +102,7 @@ def test_unlearn_of_none_names_the_argument(no_forward):
         ul.unlearn(None, PAIRS, method="ga", steps=1)
 
 
-def test_a_report_folder_that_cannot_be_written_is_refused(pair, tmp_path):
+def test_a_report_folder_that_cannot_be_written_is_refused(gpt2_pair, tmp_path):
     from unlearnlens._storage import check_writable
 
     blocker = tmp_path / "file"

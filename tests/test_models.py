@@ -33,7 +33,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from conftest import build_model, make_word_tokenizer
+from conftest import build_model, llama_like_config, make_word_tokenizer
 from unlearnlens.errors import (
     CheckpointError,
     ConfigError,
@@ -65,21 +65,6 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
-
-
-def _llama_like(cls, V, **kw):
-    return cls(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        **kw,
-    )
 
 
 # name -> (model class, config factory taking the vocabulary size)
@@ -144,7 +129,7 @@ ARCHS = {
     ),
     "llama-gqa": (
         LlamaForCausalLM,
-        lambda V: _llama_like(
+        lambda V: llama_like_config(
             LlamaConfig,
             V,
             num_key_value_heads=2,
@@ -154,11 +139,11 @@ ARCHS = {
     ),
     "llama-mha-bias": (
         LlamaForCausalLM,
-        lambda V: _llama_like(LlamaConfig, V, num_key_value_heads=4, attention_bias=True),
+        lambda V: llama_like_config(LlamaConfig, V, num_key_value_heads=4, attention_bias=True),
     ),
     "llama3-rope": (
         LlamaForCausalLM,
-        lambda V: _llama_like(
+        lambda V: llama_like_config(
             LlamaConfig,
             V,
             num_key_value_heads=2,
@@ -174,20 +159,22 @@ ARCHS = {
     ),
     "mistral-sliding": (
         MistralForCausalLM,
-        lambda V: _llama_like(MistralConfig, V, num_key_value_heads=2, sliding_window=3),
+        lambda V: llama_like_config(MistralConfig, V, num_key_value_heads=2, sliding_window=3),
     ),
     "qwen2": (
         Qwen2ForCausalLM,
-        lambda V: _llama_like(Qwen2Config, V, num_key_value_heads=2, tie_word_embeddings=True),
+        lambda V: llama_like_config(
+            Qwen2Config, V, num_key_value_heads=2, tie_word_embeddings=True
+        ),
     ),
     "qwen3": (
         Qwen3ForCausalLM,
-        lambda V: _llama_like(Qwen3Config, V, num_key_value_heads=2, head_dim=16),
+        lambda V: llama_like_config(Qwen3Config, V, num_key_value_heads=2, head_dim=16),
     ),
-    "olmo": (OlmoForCausalLM, lambda V: _llama_like(OlmoConfig, V, clip_qkv=0.8)),
+    "olmo": (OlmoForCausalLM, lambda V: llama_like_config(OlmoConfig, V, clip_qkv=0.8)),
     "gemma": (
         GemmaForCausalLM,
-        lambda V: _llama_like(GemmaConfig, V, num_key_value_heads=1, head_dim=16),
+        lambda V: llama_like_config(GemmaConfig, V, num_key_value_heads=1, head_dim=16),
     ),
 }
 

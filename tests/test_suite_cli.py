@@ -87,3 +87,53 @@ def test_changed_settings_rerun_a_finished_study(tmp_path):
     expected = patch_mlp_coefficients(base, u1, PAIRS, window=3, progress=False)
     assert second.study("one", "a").sweeps["a"]["patch_mlp"] == expected
     assert first != second
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--batch-size", "0"),
+        ("--threads", "0"),
+        ("--window", "2"),
+        ("--concepts", "0"),
+        ("--steps", "0"),
+        ("--device", "cuda:99"),
+        ("--methods", "npo,no_such_method"),
+    ],
+)
+def test_suite_refuses_bad_options_before_training(tmp_path, capsys, monkeypatch, flag, value):
+    import unlearnlens.toy as toy
+
+    def train_base(*args, **kwargs):
+        raise AssertionError("the toy base model was trained before the options were checked")
+
+    monkeypatch.setattr(toy, "train_base", train_base)
+    args = ["suite", "--out", str(tmp_path / "s"), "--quick", "--no-progress", flag, value]
+    assert main(args) == 2
+    assert flag.lstrip("-") in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_dissect_pairs_puts_the_base_model_on_base_device(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    import unlearnlens.cli as cli
+
+    _saved(tmp_path)
+    seen = []
+    real = cli.load_any
+
+    def recording(path, *, device=None, dtype=None):
+        seen.append((Path(path).name, device))
+        return real(path, device=device, dtype=dtype)
+
+    monkeypatch.setattr(cli, "load_any", recording)
+    args = ["dissect", "--base", str(tmp_path / "base"), "--unlearned", f"u1={tmp_path / 'u1'}"]
+    args += ["--pairs", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "r")]
+    args += ["--window", "1", "--analyses", "patch_mlp", "--no-progress"]
+    assert main([*args, "--base-device", "cpu"]) == 0
+    assert seen == [("base", "cpu"), ("u1", None)]
+    seen.clear()
+    assert main([*args, "--base-device", "cuda:99"]) == 2
+    assert "--base-device" in capsys.readouterr().err
+    assert seen == []

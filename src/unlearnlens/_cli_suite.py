@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from unlearnlens._checks import check_batch_size, check_device, check_int, check_window
 from unlearnlens.errors import ConfigError
 
 __all__ = ["add_suite_parser", "run_suite_command"]
@@ -137,6 +138,21 @@ def run_suite_command(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     analyses = check_analyses(args.analyses)
+    # before the toy base model is trained or Ray starts
+    if args.window is not None:
+        check_window(args.window)
+    check_batch_size(args.batch_size, "--batch-size")
+    check_int(args.threads, "--threads", minimum=1)
+    check_device(args.device, "--device")
+    if args.cases is None:
+        check_int(args.concepts, "--concepts", minimum=1)
+        if args.steps is not None:
+            check_int(args.steps, "--steps", minimum=1)
+        if args.methods is not None:
+            from unlearnlens.trainers import get_method
+
+            for method in args.methods.split(","):
+                get_method(method.strip())
     executor = None
     if args.executor == "ray":
         from unlearnlens.ray_executor import RayExecutor

@@ -342,17 +342,15 @@ def _demo_suite(
 
 def _dissect(args: argparse.Namespace) -> int:
     from unlearnlens._checks import check_window
-    from unlearnlens.conceptvectors import load_conceptvectors
-    from unlearnlens.prompts import PromptSet, format_question
     from unlearnlens.study import check_analyses, dissect
 
     started = time.perf_counter()
-    progress = not args.no_progress
     analyses = check_analyses(args.analyses)
     check_window(args.window)
     check_int(args.max_new_tokens, "--max-new-tokens", minimum=1)
     check_batch_size(args.batch_size, "--batch-size")
     check_device(args.device, "--device")
+    check_device(args.base_device, "--base-device")
     paths = _parse_unlearned(args.unlearned)
     for label, p in [
         ("--base", Path(args.base)),
@@ -369,7 +367,42 @@ def _dissect(args: argparse.Namespace) -> int:
     if (args.concepts is None) == (args.pairs is None):
         raise ConfigError("give exactly one of --concepts (ConceptVectors) and --pairs FILE")
     if args.pairs is not None:
-        return _dissect_pairs(args, analyses, paths, started)
+        pairs = read_prompt_file(args.pairs, args.pairs_format)
+        print(f"prompts: {len(pairs)} pairs from {args.pairs}", file=sys.stderr)
+        base, models = _load_models(args, paths)
+        prompts, unrelated = pairs, None
+    else:
+        concept = _chosen_concept(args)
+        base, models = _load_models(args, paths)
+        prompts, unrelated = _concept_prompts(base, concept, args.max_new_tokens, analyses)
+    study = dissect(
+        base,
+        models,
+        prompts,
+        unrelated=unrelated,
+        window=args.window,
+        analyses=analyses,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    index = study.report(args.out)
+    _print_study(study, index, started)
+    return 0
+
+
+def _load_models(
+    args: argparse.Namespace, paths: dict[str, Path]
+) -> tuple[HookedTransformer, dict[str, HookedTransformer]]:
+    """The ``--base`` model (on ``--base-device`` if given) and the ``--unlearned`` ones."""
+    base = load_any(args.base, device=args.base_device or args.device, dtype=args.dtype)
+    models = {n: load_any(p, device=args.device, dtype=args.dtype) for n, p in paths.items()}
+    return base, models
+
+
+def _chosen_concept(args: argparse.Namespace) -> Any:
+    """The ``--concept`` entry of the ``--concepts`` file (default its first), with questions."""
+    from unlearnlens.conceptvectors import load_conceptvectors
+
     concepts = load_conceptvectors(args.concepts)
     if args.concept is None:
         concept = concepts[0]
@@ -382,31 +415,26 @@ def _dissect(args: argparse.Namespace) -> int:
     if not concept.qa:
         raise ConfigError(f"concept {concept.concept!r} has no QA questions")
     print(f"concept: {concept.concept} ({len(concept.qa)} questions)", file=sys.stderr)
+    return concept
 
-    base = load_any(args.base, device=args.base_device or args.device, dtype=args.dtype)
-    models = {n: load_any(p, device=args.device, dtype=args.dtype) for n, p in paths.items()}
-    questions = [format_question(q) for q in concept.qa]
-    prompts = PromptSet.from_model_answers(base, questions, max_new_tokens=args.max_new_tokens)
+
+def _concept_prompts(
+    base: HookedTransformer, concept: Any, max_new_tokens: int, analyses: tuple[str, ...]
+) -> tuple[Any, Any]:
+    """The concept's questions and (for ``behaviour``) its unrelated ones, answered by ``base``."""
+    from unlearnlens.prompts import PromptSet, format_question
+
+    prompts = PromptSet.from_model_answers(
+        base, [format_question(q) for q in concept.qa], max_new_tokens=max_new_tokens
+    )
     unrelated = None
     if concept.unrelated_qa and "behaviour" in analyses:
         unrelated = PromptSet.from_model_answers(
             base,
             [format_question(q) for q in concept.unrelated_qa],
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=max_new_tokens,
         )
-    study = dissect(
-        base,
-        models,
-        prompts,
-        unrelated=unrelated,
-        window=args.window,
-        analyses=analyses,
-        batch_size=args.batch_size,
-        progress=progress,
-    )
-    index = study.report(args.out)
-    _print_study(study, index, started)
-    return 0
+    return prompts, unrelated
 
 
 def read_prompt_file(path: str | Path, fmt: str) -> list[tuple[str, str]]:
@@ -417,29 +445,6 @@ def read_prompt_file(path: str | Path, fmt: str) -> list[tuple[str, str]]:
     if fmt not in readers:
         raise ConfigError(f"unknown prompt file format {fmt!r}; use one of {sorted(readers)}")
     return readers[fmt](path)
-
-
-def _dissect_pairs(
-    args: argparse.Namespace, analyses: tuple[str, ...], paths: dict[str, Path], started: float
-) -> int:
-    from unlearnlens.study import dissect
-
-    pairs = read_prompt_file(args.pairs, args.pairs_format)
-    print(f"prompts: {len(pairs)} pairs from {args.pairs}", file=sys.stderr)
-    base = load_any(args.base, device=args.device, dtype=args.dtype)
-    models = {n: load_any(p, device=args.device, dtype=args.dtype) for n, p in paths.items()}
-    study = dissect(
-        base,
-        models,
-        pairs,
-        window=args.window,
-        analyses=analyses,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-    )
-    index = study.report(args.out)
-    _print_study(study, index, started)
-    return 0
 
 
 def _save_unlearned(model: HookedTransformer, out: str, fmt: str) -> Path:
@@ -467,7 +472,7 @@ def _save_unlearned(model: HookedTransformer, out: str, fmt: str) -> Path:
 
 
 def _unlearn(args: argparse.Namespace) -> int:
-    from unlearnlens.export import hf_trainable, save_hf
+    from unlearnlens.export import hf_trainable
     from unlearnlens.trainers import get_method, unlearn
 
     get_method(args.method)  # an unknown method fails before anything loads
@@ -484,9 +489,7 @@ def _unlearn(args: argparse.Namespace) -> int:
     if args.format != "unlearnlens":
         # a model that fits a Hugging Face class keeps fitting it: parameters the class lacks
         # (TransformerLens's extra biases, zero after load_hf) are not trained
-        params = hf_trainable(model)
-        if params is None and args.format == "hf":
-            save_hf(model, Path(args.out))  # raises, naming what does not fit
+        params = hf_trainable(model, required=args.format == "hf")
     run = unlearn(
         model,
         forget,

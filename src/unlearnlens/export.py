@@ -28,7 +28,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from unlearnlens._architectures import ARCHITECTURES, unsupported
 from unlearnlens._storage import atomic_directory, write_safetensors, write_text
 from unlearnlens.errors import UnsupportedArchitectureError
-from unlearnlens.models import tokenizer_adds_bos
+from unlearnlens.models import _converted_config
 
 __all__ = ["save_hf"]
 
@@ -138,23 +138,26 @@ def _token_ids(tokenizer: Any) -> dict[str, Any]:
     }
 
 
-def _llama_family_config(cfg: HookedTransformerConfig, architecture: str, tied: bool) -> Any:
-    import transformers
-
-    kv = cfg.n_key_value_heads or cfg.n_heads
-    common: dict[str, Any] = {
+def _rotary_config_fields(cfg: HookedTransformerConfig, tied: bool) -> dict[str, Any]:
+    """The config fields GPT-NeoX and the LLaMA family name alike."""
+    return {
         "vocab_size": cfg.d_vocab,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.d_mlp,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": kv,
-        "head_dim": cfg.d_head,
         "hidden_act": _hf_act(cfg),
         "max_position_embeddings": cfg.n_ctx,
         "rope_parameters": _rope_parameters(cfg),
         "tie_word_embeddings": tied,
     }
+
+
+def _llama_family_config(cfg: HookedTransformerConfig, architecture: str, tied: bool) -> Any:
+    import transformers
+
+    common = _rotary_config_fields(cfg, tied)
+    common.update(num_key_value_heads=cfg.n_key_value_heads or cfg.n_heads, head_dim=cfg.d_head)
     window: dict[str, Any] = {}
     if cfg.use_local_attn:
         types = list(cfg.attn_types or ["local"] * cfg.n_layers)
@@ -215,18 +218,10 @@ def _hf_config(
         )
     elif architecture == "GPTNeoXForCausalLM":
         config = transformers.GPTNeoXConfig(
-            vocab_size=cfg.d_vocab,
-            hidden_size=cfg.d_model,
-            num_hidden_layers=cfg.n_layers,
-            num_attention_heads=cfg.n_heads,
-            intermediate_size=cfg.d_mlp,
-            hidden_act=_hf_act(cfg),
-            max_position_embeddings=cfg.n_ctx,
+            **_rotary_config_fields(cfg, tied),
             layer_norm_eps=cfg.eps,
             use_parallel_residual=cfg.parallel_attn_mlp,
-            rope_parameters=_rope_parameters(cfg),
             attention_bias=True,
-            tie_word_embeddings=tied,
             architectures=[architecture],
         )
     else:
@@ -422,18 +417,18 @@ def _meta_model(config: Any, state: StateDict) -> Any:
 
 
 def _check_round_trip(
-    model: HookedTransformer, config: Any, state: StateDict, architecture: str
+    model: HookedTransformer, own: StateDict, config: Any, state: StateDict, architecture: str
 ) -> None:
-    """Converts the checkpoint back as :func:`load_hf` does; any difference is an error."""
+    """Converts the checkpoint back as :func:`load_hf` does; any difference is an error.
+
+    ``own`` is the model's state dict on the CPU, ``state`` the checkpoint's.
+    """
     spec = ARCHITECTURES[architecture]
     fields = spec.config(config)
     if fields["n_ctx"] < model.cfg.n_ctx:
         raise unsupported(f"save_hf: {architecture} would hold fewer positions than n_ctx")
     fields["n_ctx"] = model.cfg.n_ctx
-    fields.update(tokenizer_name=None, init_weights=False, dtype=model.cfg.dtype, device="cpu")
-    if model.tokenizer is not None:  # load_hf follows the saved tokenizer's BOS convention
-        fields["default_prepend_bos"] = tokenizer_adds_bos(model.tokenizer)
-    rebuilt = HookedTransformerConfig.from_dict(fields)
+    rebuilt = _converted_config(fields, model.tokenizer, dtype=model.cfg.dtype, device="cpu")
     for name in _BEHAVIOUR_FIELDS:
         a, b = getattr(model.cfg, name, None), getattr(rebuilt, name, None)
         if a != b and not (isinstance(a, float) and isinstance(b, float) and math.isclose(a, b)):
@@ -443,7 +438,6 @@ def _check_round_trip(
     hf = _meta_model(config, state)
     with torch.no_grad():
         converted = spec.weights(hf, rebuilt)
-    own = model.state_dict()
     for name, param in model.named_parameters():
         back = converted.get(name)
         if back is None:
@@ -454,7 +448,7 @@ def _check_round_trip(
                 + (" (it is non-zero)" if param.any() else "")
             )
         back = back.to(param.dtype)
-        if back.shape != param.shape or not torch.equal(back.cpu(), own[name].cpu()):
+        if back.shape != param.shape or not torch.equal(back.cpu(), own[name]):
             raise unsupported(
                 f"save_hf: {architecture} cannot hold {name} exactly"
                 + (" (it is non-zero, and the class has no such parameter)" if param.any() else "")
@@ -490,7 +484,7 @@ def _prepare(model: HookedTransformer, architecture: str | None) -> tuple[Any, S
     if architecture == "GPTNeoXForCausalLM":
         state["lm_head.weight"] = state.pop("embed_out.weight")
     config = _hf_config(model.cfg, architecture, model.tokenizer, tied, bias)
-    _check_round_trip(model, config, state, architecture)
+    _check_round_trip(model, sd, config, state, architecture)
     if tied:
         state.pop("lm_head.weight")
     return config, state
@@ -534,21 +528,33 @@ def save_hf(
     return directory
 
 
-def hf_trainable(model: HookedTransformer, architecture: str | None = None) -> list[str] | None:
+def hf_trainable(
+    model: HookedTransformer, architecture: str | None = None, *, required: bool = False
+) -> list[str] | None:
     """The parameters training may change so that :func:`save_hf` can still write the model.
 
     TransformerLens gives every block biases (and the unembedding one) that some Hugging Face
     classes lack; :func:`load_hf` fills them with zeros. Training them makes the model
     unexportable, so a trainer that should keep the model exportable trains only these.
 
+    Args:
+        model: The model to train.
+        architecture: The class :func:`save_hf` will write (default: as there).
+        required: Raise, rather than return None, when the model does not fit.
+
     Returns:
         The parameter names, or None when the model does not fit a Hugging Face class now.
+
+    Raises:
+        UnsupportedArchitectureError: With ``required``, the model does not fit; names what.
     """
     try:
-        _, state = _prepare(model, architecture)
+        config, state = _prepare(model, architecture)
     except UnsupportedArchitectureError:
+        if required:
+            raise
         return None
-    arch = architecture or _guess_architecture(model.cfg)
+    arch = config.architectures[0]
     bias = "model.layers.0.self_attn.o_proj.bias" in state
     lacking: tuple[str, ...] = ("unembed.b_U",)
     if arch not in ("GPT2LMHeadModel", "GPTNeoXForCausalLM"):

@@ -371,6 +371,22 @@ def tokenizer_adds_bos(tokenizer: Any) -> bool:
     return len(with_special) > len(plain) and with_special[:1] == [bos] and plain[:1] != [bos]
 
 
+def _converted_config(
+    fields: dict[str, Any], tokenizer: Any, **values: Any
+) -> HookedTransformerConfig:
+    """The ``HookedTransformerConfig`` of an architecture's converted config ``fields``.
+
+    ``values`` are set on top; nothing is downloaded or initialised (the weights come from the
+    checkpoint), and with a tokenizer, prompts start with BOS exactly when it adds one (the
+    checkpoint's tokenizer decides, not the architecture). :func:`load_hf` builds its models'
+    configs with it, and :func:`unlearnlens.save_hf` the config it checks a checkpoint against.
+    """
+    fields = {**fields, **values, "tokenizer_name": None, "init_weights": False}
+    if tokenizer is not None:
+        fields["default_prepend_bos"] = tokenizer_adds_bos(tokenizer)
+    return HookedTransformerConfig.from_dict(fields)
+
+
 def _resolve_source(
     path_or_model: Any, dtype: torch.dtype, tokenizer: Any
 ) -> tuple[Any, Any, str, str | None]:
@@ -589,18 +605,15 @@ def load_hf(
     if n_ctx is not None and fields["positional_embedding_type"] == "standard" and n_ctx > max_ctx:
         raise ConfigError(f"n_ctx={n_ctx} exceeds the {max_ctx} learned positions of {name!r}")
     fields["n_ctx"] = n_ctx if n_ctx is not None else min(max_ctx, DEFAULT_MAX_CTX)
-    fields.update(
+    cfg = _converted_config(
+        fields,
+        tok,
         model_name=name,
         original_architecture=architecture,
         dtype=dtype,
         device=str(device) if device is not None else None,
         n_devices=n_devices,
-        tokenizer_name=None,
-        init_weights=False,
     )
-    if tok is not None:  # the checkpoint's tokenizer decides, not the architecture
-        fields["default_prepend_bos"] = tokenizer_adds_bos(tok)
-    cfg = HookedTransformerConfig.from_dict(fields)
     if tok is not None:
         tok = _with_bos(tok, architecture, hub=hub)
 
