@@ -122,8 +122,9 @@ def knowledge(
 class Probe(ABC):
     """One audit probe. Subclasses set :attr:`kind` and :attr:`needs` and write :meth:`run`.
 
-    A probe never changes the models it is given (attacks work on copies, or under
-    :func:`unlearnlens._guard.preserved`), also when interrupted.
+    A probe never changes the models it is given (attacks work on copies, under
+    :func:`unlearnlens._guard.preserved`, or swap weights back as :func:`unlearnlens.restored`
+    does), also when interrupted.
     """
 
     kind: ClassVar[Literal["metric", "attack"]] = "attack"

@@ -570,7 +570,7 @@ class LinearProbe(Probe):
 
 @dataclass(frozen=True)
 class RestoreProbe(Probe):
-    """The base model's parameters copied into a copy of the unlearned model.
+    """The base model's parameters swapped into the unlearned model while it is scored.
 
     Not an attack an adversary could run (it needs the base model), but the reference study's
     restoration on the audit's scale: restoring ``mlp.W_out`` (the value vectors) brings
@@ -603,20 +603,13 @@ class RestoreProbe(Probe):
     def run(
         self, base: HookedTransformer, unlearned: HookedTransformer, data: AuditData
     ) -> ProbeScore:
-        """Scores the restored copy."""
-        import copy
-
-        from unlearnlens.components import select_parameters
+        """Scores the unlearned model with the base model's weights in (then its own again)."""
+        from unlearnlens.restoration import Restoration, _pairs
 
         b, u = _gap(base, unlearned, data.forget, data)
-        memo = {id(unlearned.tokenizer): unlearned.tokenizer} if unlearned.tokenizer else {}
-        work = copy.deepcopy(unlearned, memo)
-        source = select_parameters(base, None, self.components)
-        with torch.no_grad():
-            for name, p in select_parameters(work, None, self.components).items():
-                p.copy_(source[name].to(p.device, p.dtype))
-        attacked = knowledge(work, data.forget, data.metric, data.batch_size)
-        return ProbeScore(b, u, attacked, details={"n_tensors": len(source)})
+        with Restoration(_pairs(base, unlearned, None, self.components), model=unlearned) as r:
+            attacked = knowledge(unlearned, data.forget, data.metric, data.batch_size)
+        return ProbeScore(b, u, attacked, details={"n_tensors": len(r.names)})
 
 
 def _first_logits(model: HookedTransformer, ps: PromptSet, batch_size: int | None) -> torch.Tensor:
