@@ -21,10 +21,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
-from unlearnlens._guard import preserved
+from unlearnlens.audit.memorisation import _chunks
 from unlearnlens.errors import ConfigError, UnknownProbeError
 from unlearnlens.metrics import accuracy, answer_logprob, answer_prob
-from unlearnlens.runner import default_batch_size, target_logits
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -112,10 +111,7 @@ def knowledge(
 ) -> float:
     """The mean over prompts of a :data:`KNOWLEDGE_METRICS` score; the model comes back as is."""
     fn = KNOWLEDGE_METRICS[metric]
-    values = []
-    with preserved(model):
-        for _, chunk in prompts.batches(batch_size or default_batch_size(prompts)):
-            values.append(fn(target_logits(model, chunk), chunk).float().cpu())
+    values = [fn(z, chunk).float().cpu() for chunk, z in _chunks(model, prompts, batch_size)]
     return float(torch.cat(values).mean())
 
 

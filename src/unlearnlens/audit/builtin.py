@@ -41,6 +41,7 @@ from unlearnlens._progress import progress_enabled
 from unlearnlens.audit.base import AuditData, Need, Probe, ProbeScore, knowledge, register_probe
 from unlearnlens.audit.memorisation import (
     MEMBERSHIP_SCORES,
+    _chunks,
     extraction_strength,
     membership_auc,
     truth_ratio_forget,
@@ -613,14 +614,7 @@ class RestoreProbe(Probe):
 
 
 def _first_logits(model: HookedTransformer, ps: PromptSet, batch_size: int | None) -> torch.Tensor:
-    from unlearnlens._guard import preserved
-    from unlearnlens.runner import default_batch_size, target_logits
-
-    out = []
-    with preserved(model):
-        for _, chunk in ps.batches(batch_size or default_batch_size(ps)):
-            out.append(target_logits(model, chunk)[:, 0].float().cpu())
-    return torch.cat(out)
+    return torch.cat([z[:, 0].float().cpu() for _, z in _chunks(model, ps, batch_size)])
 
 
 # ------------------------------------------------------------------------------ registry
