@@ -47,7 +47,7 @@ from unlearnlens.audit.memorisation import (
     truth_ratio_forget,
     truth_ratios,
 )
-from unlearnlens.audit.prompting import fact_split, few_shot, templated
+from unlearnlens.audit.prompting import _seqs, fact_split, few_shot, templated
 from unlearnlens.audit.quantization import fake_quantize
 from unlearnlens.errors import ConfigError, PromptError
 from unlearnlens.prompts import PromptSet
@@ -157,12 +157,11 @@ def _perturbed_set(data: AuditData) -> tuple[PromptSet, PromptSet, list[int]]:
     assert data.perturbed is not None
     keep = [i for i, p in enumerate(data.perturbed) if p]
     correct = data.forget[keep]
-    rows = data.forget.tokens.tolist()
-    n = data.forget.prompt_lengths.tolist()
+    questions, _ = _seqs(data.forget)
     p_ids, a_ids, counts = [], [], []
     for i in keep:
         for ans in data.perturbed[i]:
-            p_ids.append(rows[i][: n[i]])
+            p_ids.append(questions[i])
             a_ids.append(list(ans))
         counts.append(len(data.perturbed[i]))
     flat = PromptSet.from_tokens(p_ids, a_ids, pad_token_id=data.forget.pad_token_id)
