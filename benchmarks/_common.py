@@ -30,13 +30,20 @@ def gpt2_small_pair(
         seed=seed,
         device="cpu",
     )
+    return model_pair(cfg, seed, noise)
+
+
+def model_pair(
+    cfg: HookedTransformerConfig, seed: int = 0, noise: float = 0.02
+) -> tuple[HookedTransformer, HookedTransformer]:
+    """A random model of ``cfg`` and a copy with Gaussian noise (seeded by ``seed + 1``)."""
     base = HookedTransformer(cfg)
     base.eval()
     other = copy.deepcopy(base)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in other.parameters():
-            p.add_(noise * torch.randn(p.shape, generator=gen))
+            p.add_((noise * torch.randn(p.shape, generator=gen)).to(p.dtype))
     return base, other
 
 

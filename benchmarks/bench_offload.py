@@ -47,7 +47,7 @@ from torch.utils._pytree import tree_leaves
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import Timing, best_of
+from _common import Timing, best_of, model_pair
 
 import unlearnlens as ul
 from unlearnlens import _offload
@@ -83,14 +83,7 @@ def llama_pair(
         device="cpu",
         **SIZES[size],
     )
-    base = HookedTransformer(cfg)
-    base.eval()
-    other = copy.deepcopy(base)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_((noise * torch.randn(p.shape, generator=gen)).to(p.dtype))
-    return base, other
+    return model_pair(cfg, seed, noise)
 
 
 def random_prompts(n: int, prompt_len: int, answer_len: int, seed: int = 0) -> ul.PromptSet:

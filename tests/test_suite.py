@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import unlearnlens as ul
+from unlearnlens.cli import quick_base
 from unlearnlens.errors import CheckpointError, ConfigError, UnknownMethodError
-from unlearnlens.toy import make_world, toy_suite, train_base
+from unlearnlens.toy import make_world, toy_suite
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 ANALYSES = ("behaviour", "patch_mlp", "patch_attn", "restore_w_out")
@@ -31,18 +32,9 @@ FAST = dict(analyses=SWEEPS, window=1, threads=1, progress=False)
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("suite")
     world = make_world(0, n_concepts=6, n_relations=2, n_capability=8)
-    base = train_base(
-        world,
-        steps=40,
-        n_layers=2,
-        d_model=32,
-        d_head=8,
-        n_heads=4,
-        n_key_value_heads=2,
-        d_mlp=64,
-        progress=False,
-        cache_dir=root / "cache",
-    )
+    with pytest.MonkeyPatch.context() as env:  # the CLI's --quick base, cached under root
+        env.setenv("UNLEARNLENS_CACHE", str(root / "cache"))
+        base = quick_base(world, progress=False)
     ul.save_model(base, root / "base")
     return world, base, root
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from unlearnlens._checks import check_float
-from unlearnlens.errors import ConfigError
+from unlearnlens._checks import check_float, check_int
 
 __all__ = ["RayExecutor"]
 
@@ -52,8 +51,7 @@ class RayExecutor:
             raise ImportError("RayExecutor needs Ray: pip install 'unlearnlens[ray]'") from e
         for name, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
             check_float(value, name, minimum=0.0)
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise ConfigError(f"max_retries must be a non-negative integer, got {max_retries!r}")
+        max_retries = check_int(max_retries, "max_retries", minimum=0)
         self.options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_retries": max_retries}
         self.init = dict(init or {})
         self._started = False

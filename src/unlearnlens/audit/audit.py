@@ -141,7 +141,8 @@ def audit(
 
     Every argument is checked, every probe's prompts built, before any probe runs. The models
     come back unchanged (weights, hooks, train/eval modes, grad flags), also after an
-    exception or a KeyboardInterrupt: attacks that change weights work on copies.
+    exception or a KeyboardInterrupt: attacks that change weights work on copies (or, for
+    restoration, swap the weights back).
 
     Args:
         base: The original model.

@@ -21,10 +21,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
-from unlearnlens._guard import preserved
+from unlearnlens.audit.memorisation import _chunks
 from unlearnlens.errors import ConfigError, UnknownProbeError
 from unlearnlens.metrics import accuracy, answer_logprob, answer_prob
-from unlearnlens.runner import default_batch_size, target_logits
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -112,18 +111,16 @@ def knowledge(
 ) -> float:
     """The mean over prompts of a :data:`KNOWLEDGE_METRICS` score; the model comes back as is."""
     fn = KNOWLEDGE_METRICS[metric]
-    values = []
-    with preserved(model):
-        for _, chunk in prompts.batches(batch_size or default_batch_size(prompts)):
-            values.append(fn(target_logits(model, chunk), chunk).float().cpu())
+    values = [fn(z, chunk).float().cpu() for chunk, z in _chunks(model, prompts, batch_size)]
     return float(torch.cat(values).mean())
 
 
 class Probe(ABC):
     """One audit probe. Subclasses set :attr:`kind` and :attr:`needs` and write :meth:`run`.
 
-    A probe never changes the models it is given (attacks work on copies, or under
-    :func:`unlearnlens._guard.preserved`), also when interrupted.
+    A probe never changes the models it is given (attacks work on copies, under
+    :func:`unlearnlens._guard.preserved`, or swap weights back as :func:`unlearnlens.restored`
+    does), also when interrupted.
     """
 
     kind: ClassVar[Literal["metric", "attack"]] = "attack"

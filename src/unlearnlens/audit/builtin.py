@@ -41,12 +41,13 @@ from unlearnlens._progress import progress_enabled
 from unlearnlens.audit.base import AuditData, Need, Probe, ProbeScore, knowledge, register_probe
 from unlearnlens.audit.memorisation import (
     MEMBERSHIP_SCORES,
+    _chunks,
     extraction_strength,
     membership_auc,
     truth_ratio_forget,
     truth_ratios,
 )
-from unlearnlens.audit.prompting import fact_split, few_shot, templated
+from unlearnlens.audit.prompting import _seqs, fact_split, few_shot, templated
 from unlearnlens.audit.quantization import fake_quantize
 from unlearnlens.errors import ConfigError, PromptError
 from unlearnlens.prompts import PromptSet
@@ -156,12 +157,11 @@ def _perturbed_set(data: AuditData) -> tuple[PromptSet, PromptSet, list[int]]:
     assert data.perturbed is not None
     keep = [i for i, p in enumerate(data.perturbed) if p]
     correct = data.forget[keep]
-    rows = data.forget.tokens.tolist()
-    n = data.forget.prompt_lengths.tolist()
+    questions, _ = _seqs(data.forget)
     p_ids, a_ids, counts = [], [], []
     for i in keep:
         for ans in data.perturbed[i]:
-            p_ids.append(rows[i][: n[i]])
+            p_ids.append(questions[i])
             a_ids.append(list(ans))
         counts.append(len(data.perturbed[i]))
     flat = PromptSet.from_tokens(p_ids, a_ids, pad_token_id=data.forget.pad_token_id)
@@ -570,7 +570,7 @@ class LinearProbe(Probe):
 
 @dataclass(frozen=True)
 class RestoreProbe(Probe):
-    """The base model's parameters copied into a copy of the unlearned model.
+    """The base model's parameters swapped into the unlearned model while it is scored.
 
     Not an attack an adversary could run (it needs the base model), but the reference study's
     restoration on the audit's scale: restoring ``mlp.W_out`` (the value vectors) brings
@@ -603,31 +603,17 @@ class RestoreProbe(Probe):
     def run(
         self, base: HookedTransformer, unlearned: HookedTransformer, data: AuditData
     ) -> ProbeScore:
-        """Scores the restored copy."""
-        import copy
-
-        from unlearnlens.components import select_parameters
+        """Scores the unlearned model with the base model's weights in (then its own again)."""
+        from unlearnlens.restoration import Restoration, _pairs
 
         b, u = _gap(base, unlearned, data.forget, data)
-        memo = {id(unlearned.tokenizer): unlearned.tokenizer} if unlearned.tokenizer else {}
-        work = copy.deepcopy(unlearned, memo)
-        source = select_parameters(base, None, self.components)
-        with torch.no_grad():
-            for name, p in select_parameters(work, None, self.components).items():
-                p.copy_(source[name].to(p.device, p.dtype))
-        attacked = knowledge(work, data.forget, data.metric, data.batch_size)
-        return ProbeScore(b, u, attacked, details={"n_tensors": len(source)})
+        with Restoration(_pairs(base, unlearned, None, self.components), model=unlearned) as r:
+            attacked = knowledge(unlearned, data.forget, data.metric, data.batch_size)
+        return ProbeScore(b, u, attacked, details={"n_tensors": len(r.names)})
 
 
 def _first_logits(model: HookedTransformer, ps: PromptSet, batch_size: int | None) -> torch.Tensor:
-    from unlearnlens._guard import preserved
-    from unlearnlens.runner import default_batch_size, target_logits
-
-    out = []
-    with preserved(model):
-        for _, chunk in ps.batches(batch_size or default_batch_size(ps)):
-            out.append(target_logits(model, chunk)[:, 0].float().cpu())
-    return torch.cat(out)
+    return torch.cat([z[:, 0].float().cpu() for _, z in _chunks(model, ps, batch_size)])
 
 
 # ------------------------------------------------------------------------------ registry

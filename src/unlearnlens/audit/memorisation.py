@@ -43,6 +43,7 @@ from torch import Tensor
 from unlearnlens._checks import check_float, check_int
 from unlearnlens._guard import preserved
 from unlearnlens.errors import ConfigError, PromptError
+from unlearnlens.metrics import answer_logprob, answer_token_logprobs
 from unlearnlens.prompts import Prompts, PromptSet, as_promptset
 from unlearnlens.runner import default_batch_size, target_logits
 
@@ -85,23 +86,11 @@ def _per_prompt(
     return torch.cat([score(c, z).float().cpu() for c, z in _chunks(model, ps, batch_size)])
 
 
-def _token_logprobs(chunk: PromptSet, logits: Tensor) -> tuple[Tensor, Tensor]:
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    toks = chunk.answer_tokens.to(logits.device)
-    return logp, logp.gather(-1, toks[..., None])[..., 0]
-
-
 def answer_losses(
     model: object, prompts: Prompts, *, batch_size: int | None = None
 ) -> Float[Tensor, " batch"]:
     """Per prompt, the mean negative log-likelihood of its answer tokens (``avg_loss``)."""
-
-    def score(chunk: PromptSet, logits: Tensor) -> Tensor:
-        _, tok = _token_logprobs(chunk, logits)
-        mask = chunk.answer_mask.to(tok.device)
-        return -(tok * mask).sum(-1) / mask.sum(-1)
-
-    return _per_prompt(model, prompts, batch_size, score)
+    return _per_prompt(model, prompts, batch_size, lambda chunk, z: -answer_logprob(z, chunk))
 
 
 def loss_scores(
@@ -170,7 +159,7 @@ def min_k_scores(
     k = _check_k(k)
 
     def score(chunk: PromptSet, logits: Tensor) -> Tensor:
-        _, tok = _token_logprobs(chunk, logits)
+        tok = answer_token_logprobs(logits, chunk)
         return -_bottom_k_mean(tok.cpu(), chunk.answer_mask.cpu(), k)
 
     return _per_prompt(model, prompts, batch_size, score)
@@ -188,7 +177,8 @@ def min_k_plus_plus_scores(
     k = _check_k(k)
 
     def score(chunk: PromptSet, logits: Tensor) -> Tensor:
-        logp, tok = _token_logprobs(chunk, logits)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        tok = logp.gather(-1, chunk.answer_tokens.to(logits.device)[..., None])[..., 0]
         p = logp.exp()
         mu = (p * logp).sum(-1)
         var = ((p * logp.square()).sum(-1) - mu.square()).clamp(min=1e-6)
