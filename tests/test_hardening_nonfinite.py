@@ -94,3 +94,24 @@ def test_a_healthy_pair_still_runs(models):
     base, good, _ = models
     out = ul.patch_mlp_coefficients(base, good, PAIRS, layers=[0], progress=False)
     assert torch.isfinite(out.scores).all()
+
+
+def test_dissect_reads_each_model_for_non_finite_weights_once(models, monkeypatch):
+    """dissect checks its models up front; the analyses it runs do not scan them again."""
+    import unlearnlens._finite as finite
+
+    base, good, _ = models
+    other = perturbed(base, 0.2, seed=4)
+    scans: list[int] = []
+    real = finite._scan
+
+    def counting(model, what):
+        scans.append(id(model))
+        return real(model, what)
+
+    monkeypatch.setattr(finite, "_scan", counting)
+    ul.dissect(base, {"a": good, "b": other}, PAIRS, window=3, progress=False)
+    assert sorted(scans) == sorted([id(base), id(good), id(other)])
+    scans.clear()
+    ul.patch_attention(base, good, PAIRS, progress=False)  # outside dissect: checked again
+    assert sorted(scans) == sorted([id(base), id(good)])

@@ -6,10 +6,17 @@ cause, one bad tensor, is nowhere in the result. :func:`check_finite` reads ever
 less than one forward pass) and raises :class:`~unlearnlens.errors.NonFiniteModelError` naming
 the first bad parameter. Buffers (masks, rotary tables) are not checked: TransformerLens
 fills attention masks with ``-inf`` on purpose.
+
+A call that runs many analyses on the same models (:func:`unlearnlens.dissect`) checks them
+once and runs the analyses inside :func:`finite_checked`, so their own checks do not read every
+parameter again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,7 +26,23 @@ from unlearnlens.errors import NonFiniteModelError
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-__all__ = ["check_finite"]
+__all__ = ["check_finite", "finite_checked"]
+
+_CHECKED: ContextVar[frozenset[int]] = ContextVar("unlearnlens_finite_checked", default=frozenset())
+
+
+@contextmanager
+def finite_checked(*models: HookedTransformer) -> Iterator[None]:
+    """Within the block, :func:`check_finite` passes ``models`` without reading them again.
+
+    For a caller that has just checked them and holds them unchanged for the block's length
+    (weights swapped in by a restoration come from another checked model).
+    """
+    token = _CHECKED.set(_CHECKED.get() | {id(m) for m in models})
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)
 
 
 def check_finite(model: HookedTransformer, what: str = "model") -> None:
@@ -33,6 +56,11 @@ def check_finite(model: HookedTransformer, what: str = "model") -> None:
         NonFiniteModelError: Names the model, the first non-finite parameter, and how many of
             its values are NaN or infinite.
     """
+    if id(model) not in _CHECKED.get():
+        _scan(model, what)
+
+
+def _scan(model: HookedTransformer, what: str) -> None:
     params = list(model.named_parameters())
     by_device: dict[torch.device, list[int]] = {}
     for i, (_, p) in enumerate(params):

@@ -38,7 +38,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from unlearnlens._checks import check_batch_size, check_int, check_model, check_window
-from unlearnlens._finite import check_finite
+from unlearnlens._finite import check_finite, finite_checked
 from unlearnlens._guard import preserved
 from unlearnlens._progress import bar
 from unlearnlens.audit.result import AuditResult
@@ -287,7 +287,7 @@ def dissect(
 
     pbar = bar(total=total, progress=progress, desc="dissect")
     try:
-        with preserved(base, *models.values()):
+        with preserved(base, *models.values()), finite_checked(base, *models.values()):
             if "behaviour" in chosen:
                 pbar.set_postfix_str("behaviour")
                 evaluation = evaluate(

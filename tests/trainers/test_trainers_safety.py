@@ -225,6 +225,17 @@ def test_non_finite_error_holds_the_last_finite_state(overflow, dtype, lr, what)
         assert same(weights(err.model), weights(model))
 
 
+def test_in_place_low_precision_update_says_the_model_is_not_finite(overflow):
+    """Without master copies the fp16 update lands in the parameters before it is seen: the
+    error must not claim the last finite state, and its model really holds the overflow."""
+    model = build_model("gpt2", seed=22, dtype=torch.float16)
+    kw = dict(method=overflow, lr=1e5, max_grad_norm=None, weight_decay=0.0, **FAST)
+    with pytest.raises(NonFiniteLossError, match="already hold the non-finite update") as info:
+        unlearn(model, PAIRS, steps=50, master_weights=False, **kw)
+    assert not all(bool(torch.isfinite(p).all()) for p in info.value.model.parameters())
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())  # the caller's
+
+
 # ------------------------------------------------------------------ the caller's gradients
 
 

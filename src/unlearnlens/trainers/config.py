@@ -69,7 +69,9 @@ class TrainConfig:
     master_weights: bool = True
     """Keep float32 master copies of bfloat16/float16 trained parameters (see
     :mod:`~unlearnlens.trainers.optim`); ``False`` updates those parameters in their own
-    dtype, where small updates round away."""
+    dtype, where small updates round away and a non-finite update reaches the model before
+    it is detected (the model of the :class:`~unlearnlens.NonFiniteLossError` is then not
+    at its last finite state)."""
     deterministic: bool = False
     """Run with every random generator seeded from ``seed`` and PyTorch's deterministic
     algorithms on (see :func:`unlearnlens.seed_everything`)."""

@@ -128,11 +128,25 @@ def _micro_batches(batch: Batch, k: int) -> list[Batch]:
     return out
 
 
-def _non_finite(name: str, what: str, step: int, detail: str, cfg: TrainConfig, model: Any) -> Any:
+def _non_finite(
+    name: str,
+    what: str,
+    step: int,
+    detail: str,
+    cfg: TrainConfig,
+    model: Any,
+    *,
+    reached_model: bool = False,
+) -> Any:
+    state = (
+        "the parameters trained without master copies (master_weights=False) already hold "
+        "the non-finite update, so the model is not finite"
+        if reached_model
+        else f"the model is left as it was after {step} step(s)"
+    )
     err = NonFiniteLossError(
         f"method {name!r} gave a non-finite {what} at step {step} ({detail}); training stopped "
-        f"and the model is left as it was after {step} step(s). Lower lr (now {cfg.lr:g}) or "
-        "check the method's loss"
+        f"and {state}. Lower lr (now {cfg.lr:g}) or check the method's loss"
     )
     err.step = step  # type: ignore[attr-defined]
     err.model = model  # type: ignore[attr-defined]
@@ -201,7 +215,13 @@ def _step(
     if not finite:
         opt.zero_grad()
         raise _non_finite(
-            name, "weight update", step, f"lr={lr:g} overflows the {model.cfg.dtype}", cfg, model
+            name,
+            "weight update",
+            step,
+            f"lr={lr:g} overflows the {model.cfg.dtype}",
+            cfg,
+            model,
+            reached_model=opt.in_place,
         )
     opt.write_back()
     opt.zero_grad()

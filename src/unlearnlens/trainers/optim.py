@@ -124,6 +124,15 @@ class MasterOptimizer:
         self.good_steps = 0
         self._pending_write = False
 
+    @property
+    def in_place(self) -> bool:
+        """Whether some parameters are their own master (``masters=False`` in bf16/fp16).
+
+        Their update lands in the model before it can be checked, so after a non-finite
+        update the model is not at its last finite state.
+        """
+        return any(m is p for p, m in zip(self.params, self.masters, strict=True))
+
     # ------------------------------------------------------------------------- gradients
 
     def zero_grad(self) -> None:

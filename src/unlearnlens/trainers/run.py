@@ -203,7 +203,8 @@ def unlearn(
         FileFormatError: A checkpoint file is truncated or corrupt.
         NonFiniteLossError: The loss, gradient or update became non-finite; the exception's
             ``step`` and ``model`` attributes give the completed steps and the model at its
-            last finite state.
+            last finite state (except after a non-finite update with
+            ``master_weights=False``, which reaches bf16/fp16 parameters before it is seen).
     """
     check_model(model, "model")
     meth = build_method(method, method_args)
